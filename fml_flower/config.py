@@ -1,0 +1,310 @@
+"""The one typed configuration schema, its YAML files in ``conf/`` and its validation.
+
+Precedence, lowest first: the schema's defaults, ``conf/base.yaml``, the experiment file
+``conf/<experiment>.yaml``, then overrides (Flower's run-config keys such as
+``train.alpha``). Everything is validated before any training starts; an invalid value
+raises :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fml_flower.models import is_known_model
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+SOURCES = ("embedded", "local", "huggingface")
+EMBEDDED_DATASETS = ("mnist5k",)
+PARTITIONERS = ("iid", "pathological", "dirichlet")
+METHODS = ("fml",)
+UPDATES = ("simultaneous", "sequential")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split over clients."""
+
+    source: str = "embedded"
+    """``embedded`` (a dataset shipped in a Python package, no network), ``local`` (a
+    folder of ``.npz``/parquet files) or ``huggingface`` (a hub name via flwr-datasets)."""
+    name: str = "mnist5k"
+    """embedded: ``mnist5k``; local: the dataset's folder under ``root`` (e.g. ``mnist``);
+    huggingface: the hub id (e.g. ``ylecun/mnist``) or a builder such as ``parquet``."""
+    root: str = ""
+    """local: the folder holding ``<name>/``; relative paths resolve against the
+    working directory, or set it absolute (``${oc.env:FML_DATA_ROOT}`` works)."""
+    data_files: dict[str, str] = field(default_factory=dict)
+    """huggingface: split name -> file(s), for builders such as ``parquet``."""
+    image_key: str = "image"
+    label_key: str = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+    partitioner: str = "pathological"
+    classes_per_client: int = 2
+    """pathological: number of classes each client holds."""
+    dirichlet_alpha: float = 0.5
+    min_partition_size: int = 10
+    """dirichlet: resample until every client has at least this many examples."""
+    test_fraction: float = 0.2
+    """Part of every client's partition kept as that client's own test split."""
+    seed: int = 42
+    mean: list[float] = field(default_factory=list)
+    """Per-channel normalization; empty = computed from the pooled training split."""
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    """Architectures: one shared meme model, a private local model per client."""
+
+    meme: str = "cnn"
+    local: str = "cnn"
+    local_per_client: dict[int, str] = field(default_factory=dict)
+    """Partition id -> local architecture, overriding ``local`` for those clients."""
+
+
+@dataclass
+class TrainConfig:
+    """Client-side training."""
+
+    method: str = "fml"
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_decay_every: int = 0
+    """Multiply the learning rate by ``lr_decay_gamma`` every this many rounds; 0 = never."""
+    lr_decay_gamma: float = 0.1
+    alpha: float = 0.5
+    """Weight of the labels in the local model's loss (1 - alpha on the meme's predictions)."""
+    beta: float = 0.5
+    """Weight of the labels in the meme's loss (1 - beta on the local model's predictions)."""
+    alpha_schedule: list[float] = field(default_factory=list)
+    """Optional alpha per learning-rate stage (stage k = rounds after k decays)."""
+    beta_schedule: list[float] = field(default_factory=list)
+    """Optional beta per learning-rate stage, e.g. [0.1, 0.5, 0.9]."""
+    update: str = "simultaneous"
+    torch_threads: int = 0
+    """torch.set_num_threads in each ClientApp process; 0 = leave torch's default."""
+
+
+@dataclass
+class FederationConfig:
+    """Server-side federation settings."""
+
+    num_rounds: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2
+    """Wait for at least this many nodes; also the minimum sampled per round."""
+    round_timeout: float = 3600.0
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = "outputs"
+    """Parent folder of run folders; relative paths resolve against the working directory."""
+    run_name: str = ""
+    """Run folder name; empty = ``<date>-<time>-<experiment>``."""
+    plot: bool = True
+
+
+@dataclass
+class FMLConfig:
+    """The whole configuration of one run."""
+
+    experiment: str = "base"
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _schema_leaves(node: DictConfig, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in node:
+        value = node[key]
+        name = f"{prefix}{key}"
+        if isinstance(value, DictConfig) and OmegaConf.get_type(value) is not dict:
+            out.update(_schema_leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_keys() -> list[str]:
+    """Every leaf key of the schema in dotted form (``train.alpha``, ...)."""
+    return list(_schema_leaves(OmegaConf.structured(FMLConfig)))
+
+
+def experiment_names(conf_dir: Path = CONF_DIR) -> list[str]:
+    """Experiments available as ``conf/<name>.yaml``."""
+    return sorted(p.stem for p in conf_dir.glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        node = OmegaConf.load(path)
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return node
+
+
+def _coerce_override(key: str, value: Any, schema: DictConfig) -> Any:
+    """Strings given for list/dict keys on the command line are parsed as YAML."""
+    leaves = _schema_leaves(schema)
+    if key in leaves and isinstance(value, str):
+        if OmegaConf.is_list(leaves[key]) or OmegaConf.is_dict(leaves[key]):
+            try:
+                return yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{key}: cannot parse '{value}' as a list/mapping") from err
+    return value
+
+
+def load_config(
+    experiment: str = "base",
+    overrides: Mapping[str, Any] | None = None,
+    conf_dir: Path = CONF_DIR,
+) -> FMLConfig:
+    """Build and validate the configuration of one run.
+
+    Parameters
+    ----------
+    experiment : str
+        Name of an experiment file ``conf/<experiment>.yaml`` merged over ``base.yaml``.
+    overrides : Mapping[str, Any], optional
+        Dotted keys (``train.alpha``) and values applied last.
+    conf_dir : Path
+        Folder holding ``base.yaml`` and the experiment files.
+
+    Raises
+    ------
+    ConfigError
+        Unknown experiment or key, a value of the wrong type, or a value out of range.
+    """
+    schema = OmegaConf.structured(FMLConfig)
+    names = experiment_names(conf_dir)
+    if experiment not in names:
+        raise ConfigError(f"experiment: no file conf/{experiment}.yaml; available: {names}")
+    layers = [_load_yaml(conf_dir / "base.yaml")]
+    if experiment != "base":
+        layers.append(_load_yaml(conf_dir / f"{experiment}.yaml"))
+    dotlist = OmegaConf.create()
+    for key, value in (overrides or {}).items():
+        if key not in config_keys():
+            raise ConfigError(f"{key}: unknown configuration key; known keys: {config_keys()}")
+        OmegaConf.update(dotlist, key, _coerce_override(key, value, schema), force_add=True)
+    try:
+        merged = OmegaConf.merge(schema, *layers, dotlist)
+        merged.experiment = experiment
+        cfg: FMLConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {err.msg if hasattr(err, 'msg') else err}") from err
+    validate(cfg)
+    return cfg
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> FMLConfig:
+    """Configuration from Flower's run-config.
+
+    ``experiment`` picks the YAML file; every other key is a dotted override, where an
+    empty string means "not set here: keep the experiment's value".
+    """
+    experiment = str(run_config.get("experiment", "base") or "base")
+    overrides = {k: v for k, v in run_config.items() if k != "experiment" and v != ""}
+    return load_config(experiment, overrides)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check_choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, key, f"'{value}' is not one of {list(allowed)}")
+
+
+def validate(cfg: FMLConfig) -> None:
+    """Check every value that the types alone do not; raise :class:`ConfigError`."""
+    d, m, t, f = cfg.data, cfg.model, cfg.train, cfg.federation
+    _check_choice(d.source, "data.source", SOURCES)
+    if d.source == "embedded":
+        _check_choice(d.name, "data.name", EMBEDDED_DATASETS)
+    if d.source == "local":
+        _check(bool(d.root), "data.root", "must name the folder holding the dataset")
+        folder = Path(d.root).expanduser() / d.name
+        _check(folder.is_dir(), "data.root", f"folder {folder.resolve()} does not exist")
+    if d.source == "huggingface":
+        _check(bool(d.name), "data.name", "must be a Hugging Face dataset id or builder")
+    _check_choice(d.partitioner, "data.partitioner", PARTITIONERS)
+    _check(d.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
+    _check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    _check(d.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
+    _check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+    _check(len(d.mean) == len(d.std), "data.mean", "data.mean and data.std need equal lengths")
+    _check(all(s > 0 for s in d.std), "data.std", "must be > 0")
+
+    for key, name in [("model.meme", m.meme), ("model.local", m.local)] + [
+        (f"model.local_per_client.{pid}", n) for pid, n in m.local_per_client.items()
+    ]:
+        _check(
+            is_known_model(name),
+            key,
+            f"unknown model '{name}' (use mlp, lenet5, cnn, "
+            "resnet18 or a torchvision classification model name)",
+        )
+    _check(
+        all(pid >= 0 for pid in m.local_per_client),
+        "model.local_per_client",
+        "partition ids must be >= 0",
+    )
+
+    _check_choice(t.method, "train.method", METHODS)
+    _check_choice(t.update, "train.update", UPDATES)
+    _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(t.lr > 0, "train.lr", "must be > 0")
+    _check(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(t.lr_decay_every >= 0, "train.lr_decay_every", "must be >= 0 (0 = no decay)")
+    _check(0 < t.lr_decay_gamma <= 1, "train.lr_decay_gamma", "must be in (0, 1]")
+    for key, value in [("train.alpha", t.alpha), ("train.beta", t.beta)]:
+        _check(0 <= value <= 1, key, f"{value} is outside [0, 1]")
+    for key, sched in [
+        ("train.alpha_schedule", t.alpha_schedule),
+        ("train.beta_schedule", t.beta_schedule),
+    ]:
+        _check(all(0 <= v <= 1 for v in sched), key, f"{sched} has values outside [0, 1]")
+    _check(t.torch_threads >= 0, "train.torch_threads", "must be >= 0 (0 = torch default)")
+
+    _check(f.num_rounds >= 1, "federation.num_rounds", "must be >= 1")
+    _check(0 < f.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
+    _check(0 <= f.fraction_evaluate <= 1, "federation.fraction_evaluate", "must be in [0, 1]")
+    _check(f.min_nodes >= 1, "federation.min_nodes", "must be >= 1")
+    _check(f.round_timeout > 0, "federation.round_timeout", "must be > 0")
+
+
+def to_yaml(cfg: FMLConfig) -> str:
+    """The resolved configuration as YAML (what a run folder records)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

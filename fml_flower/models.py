@@ -1,0 +1,183 @@
+"""Model zoo: the paper's small models by name, plus any torchvision classifier.
+
+Every builder takes the input shape ``(channels, height, width)`` and the number of
+classes, so the same name works for 1x28x28 MNIST and 3x32x32 CIFAR-10.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+InputShape = tuple[int, int, int]
+ModelFactory = Callable[[InputShape, int], nn.Module]
+
+
+def _flat_features(features: nn.Module, input_shape: InputShape) -> int:
+    """Number of features ``features`` produces for one input of ``input_shape``."""
+    with torch.no_grad():
+        return int(features(torch.zeros(1, *input_shape)).flatten(1).shape[1])
+
+
+class MLP(nn.Module):
+    """Two hidden layers of 200 units (McMahan et al. 2017, the FML authors' MLP)."""
+
+    def __init__(self, input_shape: InputShape, num_classes: int, hidden: int = 200):
+        super().__init__()
+        c, h, w = input_shape
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c * h * w, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits."""
+        return self.net(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (conv 6 -> pool -> conv 16 -> pool -> fc 120 -> fc 84).
+
+    Inputs smaller than 32x32 are zero-padded in the first convolution so that a 28x28
+    digit sees the classic 32x32 geometry.
+    """
+
+    def __init__(self, input_shape: InputShape, num_classes: int):
+        super().__init__()
+        c, h, _ = input_shape
+        pad = 2 if h < 32 else 0
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 6, 5, padding=pad),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(_flat_features(self.features, input_shape), 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits."""
+        return self.classifier(self.features(x))
+
+
+class CNN(nn.Module):
+    """The CNN of McMahan et al. 2017: conv5x5 32, pool, conv5x5 64, pool, fc 512."""
+
+    def __init__(self, input_shape: InputShape, num_classes: int):
+        super().__init__()
+        c = input_shape[0]
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(_flat_features(self.features, input_shape), 512),
+            nn.ReLU(),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits."""
+        return self.classifier(self.features(x))
+
+
+class _ToThreeChannels(nn.Module):
+    """Repeat a single-channel image to three channels (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, 3, -1, -1)
+
+
+def resnet18_cifar(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """Torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 conv, no max-pool."""
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(input_shape[0], 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def torchvision_model(name: str) -> ModelFactory:
+    """Factory for any torchvision classification model, trained from scratch."""
+
+    def build(input_shape: InputShape, num_classes: int) -> nn.Module:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        if input_shape[0] == 1:
+            return nn.Sequential(_ToThreeChannels(), model)
+        return model
+
+    return build
+
+
+BUILTIN_MODELS: dict[str, ModelFactory] = {
+    "mlp": MLP,
+    "lenet5": LeNet5,
+    "cnn": CNN,
+    "resnet18": resnet18_cifar,
+}
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`build_model`: built-ins first, then torchvision's."""
+    tv = sorted(torchvision.models.list_models(module=torchvision.models))
+    return list(BUILTIN_MODELS) + [n for n in tv if n not in BUILTIN_MODELS]
+
+
+def is_known_model(name: str) -> bool:
+    """Whether :func:`build_model` accepts ``name``."""
+    return name in BUILTIN_MODELS or name in torchvision.models.list_models(
+        module=torchvision.models
+    )
+
+
+def build_model(
+    name: str, input_shape: InputShape, num_classes: int, seed: int | None = None
+) -> nn.Module:
+    """Build model ``name`` for inputs of ``input_shape`` and ``num_classes`` classes.
+
+    ``seed`` makes the initial weights reproducible. The model is checked with one
+    forward pass, so an architecture that cannot take this input fails here, naming it.
+    """
+    if not is_known_model(name):
+        raise ValueError(
+            f"unknown model '{name}'; use one of {list(BUILTIN_MODELS)} or a torchvision "
+            "classification model name (torchvision.models.list_models())"
+        )
+    factory = BUILTIN_MODELS.get(name) or torchvision_model(name)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = factory(input_shape, num_classes)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except RuntimeError as err:
+        raise ValueError(
+            f"model '{name}' cannot take inputs of shape {input_shape}: {err}"
+        ) from err
+    if out.shape != (2, num_classes):
+        raise ValueError(
+            f"model '{name}' returned shape {tuple(out.shape)} for a batch of 2, "
+            f"expected (2, {num_classes})"
+        )
+    model.train()
+    return model

@@ -1,0 +1,41 @@
+"""Per-round values of the learning rate and of alpha/beta ("dynamic balancing").
+
+The learning rate is multiplied by ``lr_decay_gamma`` every ``lr_decay_every`` rounds.
+The rounds between two decays form a *stage*; an alpha/beta schedule gives one value per
+stage (the last value is kept once the list runs out), as in the FML authors' dynamic
+schedule beta 0.1 -> 0.5 -> 0.9 tied to the learning-rate decay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fml_flower.config import TrainConfig
+
+
+def stage(server_round: int, decay_every: int) -> int:
+    """Number of learning-rate decays applied before ``server_round`` (1-based)."""
+    return (server_round - 1) // decay_every if decay_every > 0 else 0
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """What the server tells clients to use in one round."""
+
+    lr: float
+    alpha: float
+    beta: float
+
+
+def round_settings(train: TrainConfig, server_round: int) -> RoundSettings:
+    """The learning rate, alpha and beta of ``server_round``."""
+    k = stage(server_round, train.lr_decay_every)
+
+    def pick(schedule: list[float], constant: float) -> float:
+        return schedule[min(k, len(schedule) - 1)] if schedule else constant
+
+    return RoundSettings(
+        lr=train.lr * train.lr_decay_gamma**k,
+        alpha=pick(train.alpha_schedule, train.alpha),
+        beta=pick(train.beta_schedule, train.beta),
+    )

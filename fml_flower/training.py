@@ -1,0 +1,226 @@
+"""Training and evaluation loops: the deep-mutual-learning step of FML and a plain step.
+
+Plain PyTorch, no Flower. The losses follow the specification exactly::
+
+    L_local = alpha * CE(z_L, y) + (1 - alpha) * KL(p_M.detach() || p_L)
+    L_meme  = beta  * CE(z_M, y) + (1 - beta)  * KL(p_L.detach() || p_M)
+
+with KL summed over classes and averaged over the batch (``batchmean``), no temperature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+UPDATE_MODES = ("simultaneous", "sequential")
+
+
+def kl_to_target(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student), summed over classes, averaged over the batch.
+
+    The teacher is detached: it is a fixed target and receives no gradient.
+    """
+    return F.kl_div(
+        F.log_softmax(student_logits, dim=1),
+        F.softmax(teacher_logits.detach(), dim=1),
+        reduction="batchmean",
+    )
+
+
+def mutual_losses(
+    local_logits: torch.Tensor,
+    meme_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two FML losses ``(L_local, L_meme)`` for one batch."""
+    loss_local = alpha * F.cross_entropy(local_logits, labels) + (1 - alpha) * kl_to_target(
+        local_logits, meme_logits
+    )
+    loss_meme = beta * F.cross_entropy(meme_logits, labels) + (1 - beta) * kl_to_target(
+        meme_logits, local_logits
+    )
+    return loss_local, loss_meme
+
+
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches of in-memory tensors (the last batch may be smaller).
+
+    Data already sits in memory as ready tensors, so slicing a permutation is all a
+    loader has to do; ``torch.utils.data.DataLoader`` would add per-sample indexing and
+    collation on the hot path for no benefit.
+    """
+    order = torch.randperm(len(y), generator=generator)
+    for start in range(0, len(y), batch_size):
+        idx = order[start : start + batch_size]
+        yield x[idx], y[idx]
+
+
+@dataclass
+class EpochStats:
+    """Running sums of one or more training epochs."""
+
+    examples: int = 0
+    loss_local: float = 0.0
+    loss_meme: float = 0.0
+    correct_local: int = 0
+    correct_meme: int = 0
+
+    def add(
+        self,
+        n: int,
+        loss_local: torch.Tensor,
+        loss_meme: torch.Tensor | None,
+        local_logits: torch.Tensor,
+        meme_logits: torch.Tensor | None,
+        labels: torch.Tensor,
+    ) -> None:
+        """Add one batch of ``n`` examples."""
+        self.examples += n
+        self.loss_local += float(loss_local) * n
+        self.correct_local += int((local_logits.argmax(1) == labels).sum())
+        if loss_meme is not None and meme_logits is not None:
+            self.loss_meme += float(loss_meme) * n
+            self.correct_meme += int((meme_logits.argmax(1) == labels).sum())
+
+    def means(self) -> dict[str, float]:
+        """Per-example means of the sums."""
+        n = max(self.examples, 1)
+        return {
+            "train_loss_local": self.loss_local / n,
+            "train_loss_meme": self.loss_meme / n,
+            "train_acc_local": self.correct_local / n,
+            "train_acc_meme": self.correct_meme / n,
+        }
+
+
+def mutual_learning_epoch(
+    local: nn.Module,
+    meme: nn.Module,
+    opt_local: torch.optim.Optimizer,
+    opt_meme: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    alpha: float,
+    beta: float,
+    update: str = "simultaneous",
+    generator: torch.Generator | None = None,
+    stats: EpochStats | None = None,
+) -> EpochStats:
+    """One epoch of deep mutual learning between ``local`` and ``meme`` on ``(x, y)``.
+
+    ``update="simultaneous"`` (the FML reference): both models see the same batch, both
+    losses use the partner's logits from before the step, both optimizers step.
+    ``update="sequential"`` (the original DML): the local model steps first, then the
+    meme learns from the updated local model's predictions on the same batch.
+    """
+    if update not in UPDATE_MODES:
+        raise ValueError(f"update must be one of {UPDATE_MODES}, got '{update}'")
+    stats = stats if stats is not None else EpochStats()
+    local.train()
+    meme.train()
+    for xb, yb in batches(x, y, batch_size, generator):
+        local_logits = local(xb)
+        meme_logits = meme(xb)
+        if update == "simultaneous":
+            loss_local, loss_meme = mutual_losses(local_logits, meme_logits, yb, alpha, beta)
+            opt_local.zero_grad(set_to_none=True)
+            opt_meme.zero_grad(set_to_none=True)
+            # The partners are detached, so the two graphs are disjoint and one backward
+            # of the sum gives each model exactly the gradient of its own loss.
+            (loss_local + loss_meme).backward()
+            opt_local.step()
+            opt_meme.step()
+        else:
+            loss_local, _ = mutual_losses(local_logits, meme_logits, yb, alpha, beta)
+            opt_local.zero_grad(set_to_none=True)
+            loss_local.backward()
+            opt_local.step()
+            with torch.no_grad():
+                teacher = local(xb)
+            _, loss_meme = mutual_losses(teacher, meme_logits, yb, alpha, beta)
+            opt_meme.zero_grad(set_to_none=True)
+            loss_meme.backward()
+            opt_meme.step()
+        stats.add(len(yb), loss_local.detach(), loss_meme.detach(), local_logits, meme_logits, yb)
+    return stats
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+    """Squared L2 distance between ``model``'s parameters and ``anchor`` (FedProx)."""
+    return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))  # type: ignore[return-value]
+
+
+def supervised_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    proximal_mu: float = 0.0,
+    stats: EpochStats | None = None,
+) -> EpochStats:
+    """One epoch of cross-entropy training, with FedProx's ``mu/2 ||w - w_0||^2`` if mu > 0.
+
+    ``w_0`` is the model's weights at the start of the call. Losses are reported as
+    ``train_loss_local``; the meme columns stay zero.
+    """
+    stats = stats if stats is not None else EpochStats()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    model.train()
+    for xb, yb in batches(x, y, batch_size, generator):
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        if proximal_mu > 0:
+            loss = loss + proximal_mu / 2 * proximal_term(model, anchor)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stats.add(len(yb), loss.detach(), None, logits, None, yb)
+    return stats
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Loss and accuracy of one model on one dataset."""
+
+    loss: float
+    correct: int
+    examples: int
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of correct predictions (0 when there are no examples)."""
+        return self.correct / self.examples if self.examples else 0.0
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+) -> EvalResult:
+    """Cross-entropy loss and accuracy of ``model`` on ``(x, y)`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        logits = model(xb)
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was_training)
+    return EvalResult(loss / max(len(y), 1), correct, len(y))
+
+
+def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """The SGD optimizer used throughout (the FML authors' choice)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -1,0 +1,5 @@
+"""Flower strategies: Federated Mutual Learning and baselines."""
+
+from strategies.fml import FedMutualLearning, RoundLog
+
+__all__ = ["FedMutualLearning", "RoundLog"]

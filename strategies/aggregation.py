@@ -1,0 +1,108 @@
+"""Checking and averaging client replies: arrays and metrics.
+
+Written here rather than taken from ``flwr.serverapp.strategy.strategy_utils`` because
+Flower's helpers raise on the first inconsistent reply (stopping the run), average
+integer buffers into floats, and have no notion of spread over clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+
+def reply_problem(
+    content: RecordDict, reference: ArrayRecord, arrays_key: str, weight_key: str
+) -> str | None:
+    """Why a training reply cannot be averaged into ``reference``, or ``None``.
+
+    The reply must hold exactly one ArrayRecord (under ``arrays_key``) with the same
+    keys, shapes and dtypes as ``reference`` and only finite values, and exactly one
+    MetricRecord whose ``weight_key`` is a positive number.
+    """
+    if list(content.array_records) != [arrays_key]:
+        return f"expected one ArrayRecord '{arrays_key}', got {list(content.array_records)}"
+    metric_records = list(content.metric_records.values())
+    if len(metric_records) != 1:
+        return f"expected one MetricRecord, got {len(metric_records)}"
+    weight = metric_records[0].get(weight_key)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        return f"'{weight_key}' must be a number > 0, got {weight!r}"
+    arrays = content[arrays_key]
+    missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
+    if missing or extra:
+        return (
+            f"array keys differ from the global model: missing {sorted(missing)}, "
+            f"unexpected {sorted(extra)}"
+        )
+    for key, ref in reference.items():
+        got = arrays[key]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            return (
+                f"array '{key}' is {got.dtype}{list(got.shape)}, expected "
+                f"{ref.dtype}{list(ref.shape)}"
+            )
+        values = got.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"array '{key}' holds NaN or Inf"
+    return None
+
+
+def weighted_average_arrays(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
+    """Weighted average of ArrayRecords with identical keys, shapes and dtypes.
+
+    Sums run in float64. Floating arrays keep their dtype; integer arrays (such as
+    BatchNorm's ``num_batches_tracked``) are rounded back to their integer dtype, so a
+    counter stays a counter.
+    """
+    if not records or len(records) != len(weights):
+        raise ValueError("need one weight per ArrayRecord, and at least one record")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weights must sum to > 0, got {weights}")
+    out: dict[str, Array] = {}
+    for key, first in records[0].items():
+        dtype = first.numpy().dtype
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for record, w in zip(records, weights, strict=True):
+            acc += record[key].numpy().astype(np.float64) * (w / total)
+        if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+            acc = np.rint(acc)
+        out[key] = Array(np.asarray(acc.astype(dtype)))
+    return ArrayRecord(out)
+
+
+def weighted_mean_metrics(
+    records: list[MetricRecord], weights: list[float], exclude: Iterable[str] = ()
+) -> MetricRecord:
+    """Weighted mean of every numeric metric, over the records that report it."""
+    skip = set(exclude)
+    sums: dict[str, float] = {}
+    norms: dict[str, float] = {}
+    for record, w in zip(records, weights, strict=True):
+        for key, value in record.items():
+            if key in skip or isinstance(value, (bool, list)):
+                continue
+            sums[key] = sums.get(key, 0.0) + float(value) * w
+            norms[key] = norms.get(key, 0.0) + w
+    return MetricRecord({k: sums[k] / norms[k] for k in sums if norms[k] > 0})
+
+
+def aggregate_evaluate_metrics(records: list[MetricRecord], weight_key: str) -> MetricRecord:
+    """Weighted means of the clients' evaluation metrics plus the spread of accuracies.
+
+    For every ``*_acc`` metric the result also holds ``*_acc_min`` and ``*_acc_max`` over
+    the clients that reported it, so the personalized accuracy reads as a mean with its
+    range (the FML reference asks for both).
+    """
+    weights = [float(r[weight_key]) for r in records]  # type: ignore[arg-type]
+    out = weighted_mean_metrics(records, weights, exclude=(weight_key, "partition_id"))
+    for key in [k for k in out if k.endswith("_acc")]:
+        values = [float(r[key]) for r in records if key in r]  # type: ignore[arg-type]
+        out[f"{key}_min"] = min(values)
+        out[f"{key}_max"] = max(values)
+    out["num_clients"] = len(records)
+    out["num_examples"] = int(sum(weights))
+    return out
