@@ -242,14 +242,14 @@ def _partitioner_over(labels: np.ndarray, cfg: DataConfig, num_partitions: int) 
 
 
 def _load_partition(
-    partitioner: Partitioner, cfg: DataConfig, partition_id: int
+    partitioner: Partitioner, cfg: DataConfig, num_partitions: int, partition_id: int
 ) -> datasets.Dataset:
     try:
         return partitioner.load_partition(partition_id)
     except ValueError as err:
         raise ConfigError(
             f"data.partitioner='{cfg.partitioner}' cannot split {len(partitioner.dataset)} "
-            f"examples over {partitioner.num_partitions} clients: {err}"
+            f"examples over {num_partitions} clients: {err}"
         ) from err
 
 
@@ -258,7 +258,9 @@ def partition_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices into ``labels`` of one client's own train and test parts."""
     _check_partition_id(partition_id, num_partitions)
-    part = _load_partition(_partitioner_over(labels, cfg, num_partitions), cfg, partition_id)
+    part = _load_partition(
+        _partitioner_over(labels, cfg, num_partitions), cfg, num_partitions, partition_id
+    )
     train, test = _split_partition(part, cfg, partition_id)
     return np.asarray(train["index"]), np.asarray(test["index"])
 
@@ -271,7 +273,7 @@ def check_partitions(labels: np.ndarray, cfg: DataConfig, num_partitions: int) -
     partitioner = _partitioner_over(labels, cfg, num_partitions)
     sizes = []
     for pid in range(num_partitions):
-        part = _load_partition(partitioner, cfg, pid)
+        part = _load_partition(partitioner, cfg, num_partitions, pid)
         _split_partition(part, cfg, pid)
         sizes.append(len(part))
     return sizes

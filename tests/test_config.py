@@ -1,0 +1,120 @@
+"""The configuration schema: layering, run-config overrides, and clear errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fml_flower.config import (
+    ConfigError,
+    config_from_run_config,
+    config_keys,
+    experiment_names,
+    load_config,
+)
+from fml_flower.schedule import round_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_pyproject_run_config_mirrors_the_schema() -> None:
+    """Every schema key can be overridden from Flower's run-config, and nothing else."""
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        run_config = _flatten(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    assert set(run_config) == set(config_keys())
+    assert all(v == "" for k, v in run_config.items() if k != "experiment")
+
+
+def test_pyproject_has_no_federations_section() -> None:
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        assert "federations" not in tomllib.load(fh)["tool"]["flwr"]
+
+
+def test_every_experiment_file_loads() -> None:
+    for name in experiment_names():
+        cfg = load_config(name) if name != "base" else load_config()
+        assert cfg.experiment == name
+
+
+def test_run_config_overrides_and_empty_means_unset() -> None:
+    cfg = config_from_run_config(
+        {
+            "experiment": "base",
+            "train.alpha": 0.3,
+            "model.local": "mlp",
+            "train.beta": "",
+            "train.beta_schedule": "[0.1, 0.5, 0.9]",
+            "model.local_per_client": "{0: lenet5}",
+        }
+    )
+    assert cfg.train.alpha == 0.3
+    assert cfg.train.beta == 0.5  # "" kept the YAML's value
+    assert cfg.model.local == "mlp"
+    assert cfg.train.beta_schedule == [0.1, 0.5, 0.9]
+    assert cfg.model.local_per_client == {0: "lenet5"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.alpha": 1.5}, r"train.alpha: 1.5 is outside \[0, 1\]"),
+        ({"train.beta": -0.1}, r"train.beta: -0.1 is outside \[0, 1\]"),
+        ({"model.meme": "transformer9000"}, r"model.meme: unknown model 'transformer9000'"),
+        ({"model.local_per_client": "{3: nope}"}, r"model.local_per_client.3: unknown model"),
+        ({"data.source": "ftp"}, r"data.source: 'ftp' is not one of \['embedded', 'local'"),
+        ({"data.partitioner": "kmeans"}, r"data.partitioner: 'kmeans' is not one of"),
+        ({"data.name": "cifar100"}, r"data.name: 'cifar100' is not one of \['mnist5k'\]"),
+        ({"data.source": "local", "data.root": "/no/such/dir"}, r"data.root: folder .* not exist"),
+        ({"data.source": "local"}, r"data.root: must name the folder"),
+        ({"train.lr": 0}, r"train.lr: must be > 0"),
+        ({"train.update": "alternate"}, r"train.update: 'alternate' is not one of"),
+        ({"train.beta_schedule": "[0.1, 2]"}, r"train.beta_schedule: .* outside \[0, 1\]"),
+        ({"federation.num_rounds": 0}, r"federation.num_rounds: must be >= 1"),
+        ({"data.test_fraction": 1.0}, r"data.test_fraction: must be in \(0, 1\)"),
+        ({"train.batch_size": "big"}, r"train.batch_size"),
+        ({"train.nonsense": 1}, r"train.nonsense: unknown configuration key"),
+    ],
+)
+def test_invalid_values_name_the_key(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("base", overrides)
+
+
+def test_unknown_experiment_lists_the_available_ones() -> None:
+    with pytest.raises(ConfigError, match=r"experiment: no file conf/nope.yaml; available"):
+        load_config("nope")
+
+
+def test_experiment_file_with_a_bad_key_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text((ROOT / "conf" / "base.yaml").read_text())
+    (tmp_path / "broken.yaml").write_text("train:\n  alpah: 0.4\n")
+    with pytest.raises(ConfigError, match="alpah"):
+        load_config("broken", conf_dir=tmp_path)
+
+
+def test_dynamic_schedule_follows_the_lr_decay() -> None:
+    cfg = load_config(
+        "base",
+        {
+            "train.lr_decay_every": 2,
+            "train.lr_decay_gamma": 0.1,
+            "train.beta_schedule": "[0.1, 0.5, 0.9]",
+        },
+    )
+    got = [round_settings(cfg.train, r) for r in range(1, 8)]
+    assert [s.beta for s in got] == [0.1, 0.1, 0.5, 0.5, 0.9, 0.9, 0.9]
+    assert got[0].lr == pytest.approx(0.01)
+    assert got[2].lr == pytest.approx(0.001)
+    assert all(s.alpha == 0.5 for s in got)

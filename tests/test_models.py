@@ -1,0 +1,43 @@
+"""The model zoo: every built-in name on both input shapes, torchvision by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fml_flower.models import available_models, build_model
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "cnn", "resnet18"])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_builtin_models_take_both_shapes(name: str, shape: tuple[int, int, int]) -> None:
+    model = build_model(name, shape, 7)
+    assert model(torch.randn(3, *shape)).shape == (3, 7)
+
+
+def test_cnn_is_mcmahan_geometry() -> None:
+    model = build_model("cnn", (1, 28, 28), 10)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(7 * 7 * 64, 512), (512, 10)]
+
+
+def test_torchvision_model_by_name_on_grayscale() -> None:
+    model = build_model("mobilenet_v3_small", (1, 32, 32), 10)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_seed_makes_initial_weights_reproducible() -> None:
+    a = build_model("cnn", (1, 28, 28), 10, seed=5).state_dict()
+    b = build_model("cnn", (1, 28, 28), 10, seed=5).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_model_names_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"unknown model 'nope'.*mlp"):
+        build_model("nope", (1, 28, 28), 10)
+    assert available_models()[:4] == ["mlp", "lenet5", "cnn", "resnet18"]
+
+
+def test_model_that_cannot_take_the_input_fails_clearly() -> None:
+    with pytest.raises(ValueError, match="cannot take inputs of shape"):
+        build_model("alexnet", (1, 28, 28), 10)

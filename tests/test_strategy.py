@@ -1,0 +1,217 @@
+"""FedMutualLearning: weighted averaging with buffers, and refusing malformed replies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from torch import nn
+
+from strategies import FedMutualLearning
+from strategies.aggregation import weighted_average_arrays
+
+
+def _bn_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    model.train()
+    for _ in range(seed + 1):  # different running statistics and batch counters
+        model(torch.randn(4, 1, 5, 5) * (seed + 1))
+    return model
+
+
+class _Grid:
+    """Just enough of a Grid for configure_train."""
+
+    def __init__(self, nodes: list[int]):
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def _reply(
+    node: int, arrays: ArrayRecord | None, metrics: dict | None, error: str | None = None
+) -> Message:
+    out = Message(
+        content=RecordDict({"config": ConfigRecord()}),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+    )
+    if error is not None:
+        return Message(Error(code=2, reason=error), reply_to=out)
+    content = RecordDict()
+    if arrays is not None:
+        content["arrays"] = arrays
+    if metrics is not None:
+        content["metrics"] = MetricRecord(metrics)
+    return Message(content, reply_to=out)
+
+
+def _strategy(reference: ArrayRecord) -> FedMutualLearning:
+    strategy = FedMutualLearning(alpha=0.5, beta=0.5, min_available_nodes=1, min_train_nodes=1)
+    list(strategy.configure_train(1, reference, ConfigRecord(), _Grid([1, 2, 3])))
+    return strategy
+
+
+def test_weighted_average_with_batchnorm_buffers() -> None:
+    a, b = _bn_model(0).state_dict(), _bn_model(2).state_dict()
+    out = weighted_average_arrays(
+        [ArrayRecord(a), ArrayRecord(b)], [1.0, 3.0]
+    ).to_torch_state_dict()
+    for key in ("0.weight", "1.running_mean", "1.running_var", "1.weight"):
+        torch.testing.assert_close(out[key], 0.25 * a[key] + 0.75 * b[key])
+    counter = out["1.num_batches_tracked"]
+    assert counter.dtype == torch.int64
+    assert a["1.num_batches_tracked"] == 1 and b["1.num_batches_tracked"] == 3
+    assert counter.item() == round(0.25 * 1 + 0.75 * 3)
+
+
+def test_configure_train_sends_alpha_beta_and_round_values() -> None:
+    reference = ArrayRecord(_bn_model(0).state_dict())
+    strategy = FedMutualLearning(
+        alpha=0.3,
+        beta=0.7,
+        min_available_nodes=2,
+        min_train_nodes=2,
+        round_config_fn=lambda r: {"lr": 0.1 / r},
+    )
+    messages = list(strategy.configure_train(2, reference, ConfigRecord(), _Grid([1, 2])))
+    assert len(messages) == 2
+    config = messages[0].content["config"]
+    assert (config["alpha"], config["beta"], config["lr"]) == (0.3, 0.7, 0.05)
+    assert config["server-round"] == 2
+
+
+def test_aggregate_train_weights_by_examples() -> None:
+    ref = ArrayRecord(_bn_model(0).state_dict())
+    a, b = _bn_model(1).state_dict(), _bn_model(2).state_dict()
+    strategy = _strategy(ref)
+    arrays, metrics = strategy.aggregate_train(
+        1,
+        [
+            _reply(1, ArrayRecord(a), {"num-examples": 10, "train_loss_meme": 1.0}),
+            _reply(2, ArrayRecord(b), {"num-examples": 30, "train_loss_meme": 2.0}),
+        ],
+    )
+    assert arrays is not None and metrics is not None
+    got = arrays.to_torch_state_dict()
+    torch.testing.assert_close(got["0.weight"], 0.25 * a["0.weight"] + 0.75 * b["0.weight"])
+    assert metrics["train_loss_meme"] == pytest.approx(1.75)
+    assert strategy.round_log(1).train_accepted == 2
+
+
+def _poisoned(kind: str) -> tuple[ArrayRecord | None, dict | None, str | None]:
+    sd = _bn_model(1).state_dict()
+    if kind == "nan":
+        sd["0.weight"] = sd["0.weight"].clone()
+        sd["0.weight"][0, 0, 0, 0] = float("nan")
+    elif kind == "inf":
+        sd["1.running_var"] = torch.full_like(sd["1.running_var"], float("inf"))
+    elif kind == "missing-key":
+        del sd["1.running_mean"]
+    elif kind == "extra-key":
+        sd["head.weight"] = torch.zeros(2)
+    elif kind == "shape":
+        sd["0.weight"] = torch.zeros(2, 1, 5, 5)
+    elif kind == "dtype":
+        sd["0.weight"] = sd["0.weight"].double()
+    metrics: dict | None = {"num-examples": 10}
+    if kind == "no-examples":
+        metrics = {"loss": 1.0}
+    elif kind == "zero-examples":
+        metrics = {"num-examples": 0}
+    elif kind == "no-metrics":
+        metrics = None
+    return ArrayRecord(sd), metrics, ("boom" if kind == "error" else None)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("nan", "NaN or Inf"),
+        ("inf", "NaN or Inf"),
+        ("missing-key", "missing"),
+        ("extra-key", "unexpected"),
+        ("shape", "expected float32"),
+        ("dtype", "float64"),
+        ("no-examples", "num-examples"),
+        ("zero-examples", "num-examples"),
+        ("no-metrics", "MetricRecord"),
+        ("error", "client error: boom"),
+    ],
+)
+def test_malformed_reply_is_dropped_not_fatal(kind: str, reason: str) -> None:
+    ref = ArrayRecord(_bn_model(0).state_dict())
+    good = _bn_model(2).state_dict()
+    strategy = _strategy(ref)
+    arrays, metrics, error = _poisoned(kind)
+    result, _ = strategy.aggregate_train(
+        1,
+        [
+            _reply(1, ArrayRecord(good), {"num-examples": 5}),
+            _reply(7, arrays, metrics, error),
+        ],
+    )
+    assert result is not None
+    got = result.to_torch_state_dict()
+    for key, value in good.items():  # only the good reply was averaged
+        torch.testing.assert_close(got[key], value)
+    book = strategy.round_log(1)
+    assert book.train_accepted == 1
+    assert len(book.train_dropped) == 1
+    assert book.train_dropped[0].startswith("node 7:") and reason in book.train_dropped[0]
+
+
+def test_all_replies_bad_keeps_the_global_model() -> None:
+    strategy = _strategy(ArrayRecord(_bn_model(0).state_dict()))
+    arrays, metrics = strategy.aggregate_train(1, [_reply(1, None, None, error="down")])
+    assert arrays is None and metrics is None
+
+
+def test_aggregate_evaluate_reports_mean_and_spread() -> None:
+    strategy = _strategy(ArrayRecord(_bn_model(0).state_dict()))
+    out = strategy.aggregate_evaluate(
+        1,
+        [
+            _reply(
+                1,
+                None,
+                {"num-examples": 10, "personal_acc": 0.9, "global_acc": 0.5, "partition_id": 0},
+            ),
+            _reply(
+                2,
+                None,
+                {"num-examples": 30, "personal_acc": 0.5, "global_acc": 0.1, "partition_id": 1},
+            ),
+            _reply(3, None, None, error="crashed"),
+        ],
+    )
+    assert out is not None
+    assert out["personal_acc"] == pytest.approx(0.6)
+    assert (out["personal_acc_min"], out["personal_acc_max"]) == (0.5, 0.9)
+    assert out["global_acc"] == pytest.approx(0.2)
+    assert out["num_clients"] == 2
+    book = strategy.round_log(1)
+    assert set(book.clients) == {0, 1}
+    assert len(book.evaluate_dropped) == 1
+
+
+def test_alpha_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="alpha must be in"):
+        FedMutualLearning(alpha=2.0)
+
+
+def test_weighted_average_needs_positive_weights() -> None:
+    rec = ArrayRecord([np.ones(2, dtype=np.float32)])
+    with pytest.raises(ValueError, match="weights must sum"):
+        weighted_average_arrays([rec], [0.0])
