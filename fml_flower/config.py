@@ -24,7 +24,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SOURCES = ("embedded", "local", "huggingface")
 EMBEDDED_DATASETS = ("mnist5k",)
 PARTITIONERS = ("iid", "pathological", "dirichlet")
-METHODS = ("fml",)
+METHODS = ("fml", "fedavg", "fedprox", "local", "ditto", "fedper")
 UPDATES = ("simultaneous", "sequential")
 
 
@@ -80,6 +80,8 @@ class TrainConfig:
     """Client-side training."""
 
     method: str = "fml"
+    """``fml``, or a baseline under the same data, models and evaluation: ``fedavg``,
+    ``fedprox``, ``local`` (no communication), ``ditto``, ``fedper``."""
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.01
@@ -97,6 +99,11 @@ class TrainConfig:
     beta_schedule: list[float] = field(default_factory=list)
     """Optional beta per learning-rate stage, e.g. [0.1, 0.5, 0.9]."""
     update: str = "simultaneous"
+    """FML: ``simultaneous`` (both models step on the same batch) or ``sequential`` (DML)."""
+    proximal_mu: float = 0.01
+    """FedProx: weight of the proximal term."""
+    ditto_lambda: float = 0.1
+    """Ditto: weight of the personal model's pull towards the global model."""
     torch_threads: int = 0
     """torch.set_num_threads in each ClientApp process; 0 = leave torch's default."""
 
@@ -296,6 +303,8 @@ def validate(cfg: FMLConfig) -> None:
         ("train.beta_schedule", t.beta_schedule),
     ]:
         _check(all(0 <= v <= 1 for v in sched), key, f"{sched} has values outside [0, 1]")
+    _check(t.proximal_mu >= 0, "train.proximal_mu", "must be >= 0")
+    _check(t.ditto_lambda >= 0, "train.ditto_lambda", "must be >= 0")
     _check(t.torch_threads >= 0, "train.torch_threads", "must be >= 0 (0 = torch default)")
 
     _check(f.num_rounds >= 1, "federation.num_rounds", "must be >= 1")

@@ -181,3 +181,15 @@ def build_model(
         )
     model.train()
     return model
+
+
+def head_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the model's last linear layer: the head FedPer keeps private."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no linear layer to serve as a head")
+    prefix = f"{last}." if last else ""
+    return [k for k in model.state_dict() if k.startswith(prefix) and "." not in k[len(prefix) :]]

@@ -118,7 +118,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = load_metrics(run_dir)["rounds"]
+    metrics = load_metrics(run_dir)
+    rounds, method = metrics["rounds"], metrics["run"].get("method", "fml").upper()
     trained = [r for r in rounds if r["round"] > 0]
     written = []
 
@@ -148,7 +149,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="best", fontsize=8, framealpha=0.8)
-    ax.set_title(f"FML - {run_dir.name}")
+    ax.set_title(f"{method} - {run_dir.name}")
     fig.tight_layout()
     written.append(run_dir / "accuracy.png")
     fig.savefig(written[-1], dpi=110)

@@ -168,21 +168,25 @@ def supervised_epoch(
     batch_size: int,
     generator: torch.Generator | None = None,
     proximal_mu: float = 0.0,
+    anchor: list[torch.Tensor] | None = None,
     stats: EpochStats | None = None,
 ) -> EpochStats:
-    """One epoch of cross-entropy training, with FedProx's ``mu/2 ||w - w_0||^2`` if mu > 0.
+    """One epoch of cross-entropy training, plus ``mu/2 ||w - anchor||^2`` if mu > 0.
 
-    ``w_0`` is the model's weights at the start of the call. Losses are reported as
+    The proximal term is FedProx's (anchor = the global weights the round started from)
+    and Ditto's (anchor = the global weights, for the personal model). ``anchor``
+    defaults to the model's weights at the start of the call. Losses are reported as
     ``train_loss_local``; the meme columns stay zero.
     """
     stats = stats if stats is not None else EpochStats()
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    if proximal_mu > 0 and anchor is None:
+        anchor = [p.detach().clone() for p in model.parameters()]
     model.train()
     for xb, yb in batches(x, y, batch_size, generator):
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         if proximal_mu > 0:
-            loss = loss + proximal_mu / 2 * proximal_term(model, anchor)
+            loss = loss + proximal_mu / 2 * proximal_term(model, anchor)  # type: ignore[arg-type]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -13,11 +13,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fml_flower.config import FMLConfig, config_from_run_config, to_yaml
 from fml_flower.data import FederatedImageData, federated_data
-from fml_flower.models import build_model
+from fml_flower.models import build_model, head_keys
 from fml_flower.results import RunRecorder, plot_run
 from fml_flower.schedule import round_settings
 from fml_flower.training import evaluate
+from strategies.baselines import Ditto, FedAvgBaseline, FedPer, FedProx, LocalOnly
 from strategies.fml import FedMutualLearning
+from strategies.robust import RobustFedAvg
 
 app = ServerApp()
 
@@ -41,6 +43,10 @@ def run_dir_for(cfg: FMLConfig) -> Path:
     return (Path(cfg.output.dir).expanduser() / name).resolve()
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def progress_line(record: dict, num_rounds: int) -> str:
     """One human-readable line about a finished round."""
     r, elapsed = record["round"], record["elapsed"]
@@ -55,7 +61,8 @@ def progress_line(record: dict, num_rounds: int) -> str:
         )
     if "global_acc" in record:
         parts.append(f"global(clients) {record['global_acc']:.4f}")
-    parts.append(f"global(central) {record['central_acc']:.4f}")
+    if record.get("central_acc") is not None:
+        parts.append(f"global(central) {record['central_acc']:.4f}")
     if record.get("replies_dropped"):
         parts.append(f"dropped {record['replies_dropped']}")
     return " | ".join(parts)
@@ -73,7 +80,7 @@ class CentralEvaluation:
         self,
         cfg: FMLConfig,
         data: FederatedImageData,
-        strategy: FedMutualLearning,
+        strategy: RobustFedAvg,
         recorder: RunRecorder,
     ):
         self.cfg = cfg
@@ -86,14 +93,13 @@ class CentralEvaluation:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Central accuracy and loss of ``arrays``; also records the round."""
-        self.model.load_state_dict(arrays.to_torch_state_dict())
-        res = evaluate(self.model, self.test.x, self.test.y)
+        central: dict[str, float] = {}
+        if self.cfg.train.method in HAS_GLOBAL_MODEL:
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            res = evaluate(self.model, self.test.x, self.test.y)
+            central = {"central_acc": res.accuracy, "central_loss": res.loss}
         now = time.monotonic()
-        record: dict = {
-            "round": server_round,
-            "central_acc": res.accuracy,
-            "central_loss": res.loss,
-        }
+        record: dict = {"round": server_round, "central_acc": None, **central}
         if server_round > 0:
             book = self.strategy.round_log(server_round)
             settings = round_settings(self.cfg.train, server_round)
@@ -115,23 +121,28 @@ class CentralEvaluation:
             log(INFO, progress_line(record, self.cfg.federation.num_rounds))
         else:
             record.update(seconds=0.0, elapsed=0.0)
-            log(INFO, "[round 0] initial global model: central accuracy %.4f", res.accuracy)
+            log(
+                INFO,
+                "[round 0] initial global model: central accuracy %s",
+                _fmt(record["central_acc"]),
+            )
         self.t_last = now
         self.recorder.add_round(record)
-        return MetricRecord({"central_acc": res.accuracy, "central_loss": res.loss})
+        return MetricRecord(central)
 
 
-def make_strategy(cfg: FMLConfig) -> FedMutualLearning:
-    """The strategy for this configuration."""
+def make_strategy(cfg: FMLConfig, private_keys: list[str]) -> RobustFedAvg:
+    """The strategy of ``train.method``, with this configuration's federation settings.
+
+    ``private_keys`` are the global model's head keys (FedPer keeps them on clients).
+    """
     f, t = cfg.federation, cfg.train
 
     def round_config(server_round: int) -> dict[str, float | int | str | bool]:
         s = round_settings(t, server_round)
         return {"lr": s.lr, "alpha": s.alpha, "beta": s.beta}
 
-    return FedMutualLearning(
-        alpha=t.alpha,
-        beta=t.beta,
+    common: dict = dict(
         round_config_fn=round_config,
         fraction_train=f.fraction_train,
         fraction_evaluate=f.fraction_evaluate,
@@ -139,6 +150,24 @@ def make_strategy(cfg: FMLConfig) -> FedMutualLearning:
         min_evaluate_nodes=f.min_nodes if f.fraction_evaluate > 0 else 0,
         min_available_nodes=f.min_nodes,
     )
+    if t.method == "fml":
+        return FedMutualLearning(alpha=t.alpha, beta=t.beta, **common)
+    if t.method == "fedavg":
+        return FedAvgBaseline(**common)
+    if t.method == "fedprox":
+        return FedProx(proximal_mu=t.proximal_mu, **common)
+    if t.method == "ditto":
+        return Ditto(ditto_lambda=t.ditto_lambda, **common)
+    if t.method == "fedper":
+        return FedPer(private_keys=private_keys, **common)
+    if t.method == "local":
+        return LocalOnly(**common)
+    raise ValueError(f"train.method: unknown '{t.method}'")
+
+
+HAS_GLOBAL_MODEL = ("fml", "fedavg", "fedprox", "ditto")
+"""Methods whose server holds a complete model to evaluate centrally (FedPer's global
+model has no head, local-only has none)."""
 
 
 def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
@@ -153,6 +182,7 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         run_dir,
         {
             "experiment": cfg.experiment,
+            "method": cfg.train.method,
             "started": datetime.now().isoformat(timespec="seconds"),
             "num_nodes": num_nodes,
             "partition_sizes": sizes,
@@ -163,7 +193,8 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     )
     log(
         INFO,
-        "FML: %d nodes, data %s/%s (%s), meme %s, local %s; results in %s",
+        "%s: %d nodes, data %s/%s (%s), meme %s, local %s; results in %s",
+        cfg.train.method.upper(),
         num_nodes,
         cfg.data.source,
         cfg.data.name,
@@ -173,7 +204,7 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         run_dir,
     )
 
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, head_keys(meme))
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(meme.state_dict()),
@@ -191,13 +222,14 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     final = recorder.rounds[-1]
     log(
         INFO,
-        "FML finished in %.0fs. Final round %d: personalized %.4f, global(clients) %.4f, "
-        "global(central) %.4f. Results: %s",
+        "%s finished in %.0fs. Final round %d: personalized %s, global(clients) %s, "
+        "global(central) %s. Results: %s",
+        cfg.train.method.upper(),
         time.monotonic() - t0,
         final["round"],
-        final.get("personal_acc", float("nan")),
-        final.get("global_acc", float("nan")),
-        final["central_acc"],
+        _fmt(final.get("personal_acc")),
+        _fmt(final.get("global_acc")),
+        _fmt(final.get("central_acc")),
         run_dir,
     )
     return run_dir

@@ -1,0 +1,217 @@
+"""Client-side training of each method: FML and the baselines, on the same data and models.
+
+Every function trains for one round and returns the arrays to send back (``None`` for
+none) and the training metrics. Personal state lives in ``context.state``
+(:mod:`client_app.state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from torch import nn
+
+from client_app.state import has_personal_model, load_personal, save_personal
+from fml_flower.config import FMLConfig
+from fml_flower.data import ClientData, DatasetInfo
+from fml_flower.models import build_model, head_keys
+from fml_flower.training import EpochStats, mutual_learning_epoch, sgd, supervised_epoch
+
+
+@dataclass
+class RoundInput:
+    """Everything one client round needs."""
+
+    cfg: FMLConfig
+    context: Context
+    pid: int
+    data: ClientData
+    info: DatasetInfo
+    arrays: ArrayRecord
+    config: ConfigRecord
+
+    @property
+    def server_round(self) -> int:
+        """The round number the server sent."""
+        return int(self.config["server-round"])
+
+    @property
+    def lr(self) -> float:
+        """This round's learning rate (the server applies the decay)."""
+        return float(self.config["lr"])
+
+    def generator(self) -> torch.Generator:
+        """The batch-order generator of this client and round."""
+        return torch.Generator().manual_seed(seed_for(self.cfg, self.pid, self.server_round))
+
+    def optimizer(self, model: nn.Module) -> torch.optim.SGD:
+        """A new SGD optimizer for ``model`` with this round's learning rate."""
+        t = self.cfg.train
+        return sgd(model, self.lr, t.momentum, t.weight_decay)
+
+
+TrainResult = tuple[ArrayRecord | None, dict[str, float]]
+
+
+def seed_for(cfg: FMLConfig, pid: int, server_round: int = 0) -> int:
+    """A distinct, reproducible seed per client (and round)."""
+    return cfg.seed + 7919 * (pid + 1) + 104729 * server_round
+
+
+def local_arch(cfg: FMLConfig, pid: int) -> str:
+    """The personalized model's architecture of client ``pid``."""
+    return cfg.model.local_per_client.get(pid, cfg.model.local)
+
+
+def personal_arch(cfg: FMLConfig, pid: int) -> str:
+    """Architecture of the model a client keeps: its own for FML/local, the global one's
+    for Ditto and FedPer (whose personal models share the global architecture).
+    """
+    if cfg.train.method in ("ditto", "fedper"):
+        return cfg.model.meme
+    return local_arch(cfg, pid)
+
+
+def global_model(inp: RoundInput) -> nn.Module:
+    """The meme/global architecture loaded with the received arrays."""
+    model = build_model(inp.cfg.model.meme, inp.info.input_shape, inp.info.num_classes)
+    model.load_state_dict(inp.arrays.to_torch_state_dict())
+    return model
+
+
+def restore_personal(inp: RoundInput) -> tuple[nn.Module, torch.optim.SGD]:
+    """The personalized model and its optimizer: restored, or created on first use."""
+    arch = personal_arch(inp.cfg, inp.pid)
+    model = build_model(
+        arch, inp.info.input_shape, inp.info.num_classes, seed=seed_for(inp.cfg, inp.pid)
+    )
+    opt = inp.optimizer(model)
+    if has_personal_model(inp.context):
+        load_personal(inp.context, model, opt, arch)
+        for group in opt.param_groups:
+            group["lr"] = inp.lr
+    return model, opt
+
+
+def train_fml(inp: RoundInput) -> TrainResult:
+    """Deep mutual learning of the personalized model and a fresh meme."""
+    t = inp.cfg.train
+    meme = global_model(inp)
+    opt_meme = inp.optimizer(meme)  # a new optimizer every round: fresh momentum
+    local, opt_local = restore_personal(inp)
+    alpha, beta = float(inp.config["alpha"]), float(inp.config["beta"])
+    gen, stats = inp.generator(), EpochStats()
+    x, y = inp.data.train.x, inp.data.train.y
+    for _ in range(t.local_epochs):
+        mutual_learning_epoch(
+            local, meme, opt_local, opt_meme, x, y, t.batch_size, alpha, beta, t.update, gen, stats
+        )
+    save_personal(inp.context, local, opt_local, personal_arch(inp.cfg, inp.pid))
+    return ArrayRecord(meme.state_dict()), stats.means()
+
+
+def train_fedavg(inp: RoundInput) -> TrainResult:
+    """Cross-entropy training of the global model (FedProx: plus the proximal term)."""
+    t = inp.cfg.train
+    model = global_model(inp)
+    opt = inp.optimizer(model)
+    mu = float(inp.config.get("proximal-mu", 0.0))
+    anchor = [p.detach().clone() for p in model.parameters()]
+    gen, stats = inp.generator(), EpochStats()
+    for _ in range(t.local_epochs):
+        supervised_epoch(
+            model,
+            opt,
+            inp.data.train.x,
+            inp.data.train.y,
+            t.batch_size,
+            gen,
+            proximal_mu=mu,
+            anchor=anchor,
+            stats=stats,
+        )
+    return ArrayRecord(model.state_dict()), _meme_columns(stats)
+
+
+def train_ditto(inp: RoundInput) -> TrainResult:
+    """The global model as in FedAvg, then the personal model towards the received one."""
+    t = inp.cfg.train
+    model = global_model(inp)
+    anchor = [p.detach().clone() for p in model.parameters()]
+    opt = inp.optimizer(model)
+    personal, opt_personal = restore_personal(inp)
+    lam = float(inp.config["ditto-lambda"])
+    gen = inp.generator()
+    g_stats, p_stats = EpochStats(), EpochStats()
+    x, y = inp.data.train.x, inp.data.train.y
+    for _ in range(t.local_epochs):
+        supervised_epoch(model, opt, x, y, t.batch_size, gen, stats=g_stats)
+    for _ in range(t.local_epochs):
+        supervised_epoch(
+            personal,
+            opt_personal,
+            x,
+            y,
+            t.batch_size,
+            gen,
+            proximal_mu=lam,
+            anchor=anchor,
+            stats=p_stats,
+        )
+    save_personal(inp.context, personal, opt_personal, personal_arch(inp.cfg, inp.pid))
+    return ArrayRecord(model.state_dict()), {**p_stats.means(), **_meme_columns(g_stats)}
+
+
+def train_fedper(inp: RoundInput) -> TrainResult:
+    """The received body with this client's own head; only the body goes back."""
+    t = inp.cfg.train
+    model, opt = restore_personal(inp)
+    private = set(head_keys(model))
+    load_body(model, inp.arrays)
+    gen, stats = inp.generator(), EpochStats()
+    for _ in range(t.local_epochs):
+        supervised_epoch(
+            model, opt, inp.data.train.x, inp.data.train.y, t.batch_size, gen, stats=stats
+        )
+    save_personal(inp.context, model, opt, personal_arch(inp.cfg, inp.pid))
+    body = {k: v for k, v in model.state_dict().items() if k not in private}
+    return ArrayRecord(body), stats.means()
+
+
+def train_local(inp: RoundInput) -> TrainResult:
+    """The client's own model on its own data; nothing is sent back but metrics."""
+    t = inp.cfg.train
+    model, opt = restore_personal(inp)
+    gen, stats = inp.generator(), EpochStats()
+    for _ in range(t.local_epochs):
+        supervised_epoch(
+            model, opt, inp.data.train.x, inp.data.train.y, t.batch_size, gen, stats=stats
+        )
+    save_personal(inp.context, model, opt, personal_arch(inp.cfg, inp.pid))
+    return None, stats.means()
+
+
+def load_body(model: nn.Module, arrays: ArrayRecord) -> None:
+    """Load the shared arrays into ``model``, refusing any key the model lacks."""
+    result = model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise KeyError(f"received arrays the model does not have: {result.unexpected_keys}")
+
+
+def _meme_columns(stats: EpochStats) -> dict[str, float]:
+    """Report a global-model-only run's loss in the meme (shared model) columns."""
+    m = stats.means()
+    return {"train_loss_meme": m["train_loss_local"], "train_acc_meme": m["train_acc_local"]}
+
+
+TRAINERS: dict[str, Callable[[RoundInput], TrainResult]] = {
+    "fml": train_fml,
+    "fedavg": train_fedavg,
+    "fedprox": train_fedavg,
+    "ditto": train_ditto,
+    "fedper": train_fedper,
+    "local": train_local,
+}

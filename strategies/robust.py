@@ -1,0 +1,191 @@
+"""FedAvg that drops malformed replies instead of crashing, and keeps a per-round log."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.aggregation import (
+    aggregate_evaluate_metrics,
+    reply_problem,
+    weighted_average_arrays,
+    weighted_mean_metrics,
+)
+
+RoundConfigFn = Callable[[int], dict[str, float | int | str | bool]]
+
+
+@dataclass
+class RoundLog:
+    """What happened to the replies of one round (kept for the run's results)."""
+
+    train_replies: int = 0
+    train_accepted: int = 0
+    train_dropped: list[str] = field(default_factory=list)
+    evaluate_replies: int = 0
+    evaluate_dropped: list[str] = field(default_factory=list)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    """Aggregated training metrics (weighted means)."""
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)
+    """Aggregated evaluation metrics (weighted means, min and max over clients)."""
+    clients: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Per-client evaluation metrics, by partition id (or node id if none)."""
+
+
+class RobustFedAvg(FedAvg):
+    """Federated Averaging that survives bad replies and records what happened per round.
+
+    The base of every strategy in this project. Compared with Flower's ``FedAvg``:
+
+    - a training reply with wrong keys, shapes or dtypes, NaN/Inf values, or a missing or
+      non-positive ``num-examples`` is dropped with a logged reason (node id included)
+      instead of raising ``InconsistentMessageReplies`` and stopping the run;
+    - integer buffers (e.g. BatchNorm's ``num_batches_tracked``) keep their dtype;
+    - evaluation metrics are aggregated into weighted means plus the min/max over clients
+      of every ``*_acc`` metric;
+    - ``rounds[r]`` (a :class:`RoundLog`) keeps accepted/dropped replies and metrics;
+    - ``round_config_fn(server_round)`` adds per-round values (e.g. a decayed learning
+      rate) to the training ConfigRecord.
+
+    Parameters
+    ----------
+    round_config_fn : Optional[callable] (default: None)
+        ``server_round -> dict`` merged into each round's training ConfigRecord.
+    **kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
+        ``min_available_nodes``, ``weighted_by_key``, ...).
+    """
+
+    def __init__(self, round_config_fn: RoundConfigFn | None = None, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.round_config_fn = round_config_fn
+        self.reference_arrays: ArrayRecord | None = None
+        self.rounds: dict[int, RoundLog] = {}
+
+    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        """The training ConfigRecord of ``server_round`` (override to add values)."""
+        round_config = ConfigRecord(dict(config))
+        if self.round_config_fn is not None:
+            round_config.update(self.round_config_fn(server_round))
+        return round_config
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global arrays and this round's config to the sampled nodes."""
+        self.reference_arrays = arrays
+        return super().configure_train(
+            server_round, arrays, self.train_config(server_round, config), grid
+        )
+
+    def round_log(self, server_round: int) -> RoundLog:
+        """The bookkeeping of ``server_round`` (created on first use)."""
+        return self.rounds.setdefault(server_round, RoundLog())
+
+    def check_train_reply(self, msg: Message) -> str | None:
+        """Why a training reply cannot be aggregated, or ``None`` if it can."""
+        if msg.has_error():
+            return f"client error: {msg.error.reason}"
+        if self.reference_arrays is None:
+            return "no reference arrays (configure_train was not called)"
+        return reply_problem(
+            msg.content, self.reference_arrays, self.arrayrecord_key, self.weighted_by_key
+        )
+
+    def aggregate_arrays(self, records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
+        """Weighted average of the memes' arrays (override for other aggregations)."""
+        return weighted_average_arrays(records, weights)
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the valid memes weighted by ``num-examples``; drop invalid replies."""
+        replies = list(replies)
+        book = self.round_log(server_round)
+        book.train_replies = len(replies)
+        valid: list[RecordDict] = []
+        for msg in replies:
+            problem = self.check_train_reply(msg)
+            if problem is None:
+                valid.append(msg.content)
+                continue
+            reason = f"node {msg.metadata.src_node_id}: {problem}"
+            book.train_dropped.append(reason)
+            log(WARNING, "aggregate_train: dropped the reply of %s", reason)
+        book.train_accepted = len(valid)
+        log(
+            INFO,
+            "aggregate_train: %d replies, %d aggregated, %d dropped",
+            len(replies),
+            len(valid),
+            len(book.train_dropped),
+        )
+        if not valid:
+            log(
+                WARNING,
+                "aggregate_train: no valid reply in round %d; the global model stays as it was",
+                server_round,
+            )
+            return None, None
+        metrics = [next(iter(c.metric_records.values())) for c in valid]
+        weights = [float(m[self.weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
+        records = [c[self.arrayrecord_key] for c in valid if self.arrayrecord_key in c]
+        arrays = self.aggregate_arrays(records, weights) if records else None
+        agg_metrics = weighted_mean_metrics(metrics, weights, exclude=(self.weighted_by_key,))
+        agg_metrics["num_clients"] = len(valid)
+        book.train_metrics = dict(agg_metrics)  # type: ignore[arg-type]
+        return arrays, agg_metrics
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> MetricRecord | None:
+        """Weighted means and the spread (min/max over clients) of both models' metrics."""
+        replies = list(replies)
+        book = self.round_log(server_round)
+        book.evaluate_replies = len(replies)
+        records: list[MetricRecord] = []
+        for msg in replies:
+            if msg.has_error():
+                problem = f"client error: {msg.error.reason}"
+            else:
+                problem = None
+                mrs = list(msg.content.metric_records.values())
+                if len(mrs) != 1:
+                    problem = f"expected one MetricRecord, got {len(mrs)}"
+                elif not _positive_number(mrs[0].get(self.weighted_by_key)):
+                    problem = f"'{self.weighted_by_key}' missing or not > 0"
+            if problem is not None:
+                reason = f"node {msg.metadata.src_node_id}: {problem}"
+                book.evaluate_dropped.append(reason)
+                log(WARNING, "aggregate_evaluate: dropped the reply of %s", reason)
+                continue
+            record = mrs[0]
+            records.append(record)
+            client_id = int(record.get("partition_id", msg.metadata.src_node_id))  # type: ignore[arg-type]
+            book.clients[client_id] = {
+                k: float(v)
+                for k, v in record.items()  # type: ignore[arg-type]
+                if isinstance(v, (int, float))
+            }
+        if not records:
+            return None
+        aggregated = aggregate_evaluate_metrics(records, self.weighted_by_key)
+        book.evaluate_metrics = dict(aggregated)  # type: ignore[arg-type]
+        return aggregated
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+__all__ = ["RobustFedAvg", "RoundConfigFn", "RoundLog"]
