@@ -57,8 +57,10 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 @contextmanager
-def simulation_superlink(flwr_home: Path, cwd: Path, timeout: float = 60) -> Iterator[str]:
-    """A simulation SuperLink on a free loopback port; yields the connection name.
+def simulation_superlink(
+    flwr_home: Path, cwd: Path, timeout: float = 60
+) -> Iterator[tuple[str, int]]:
+    """A simulation SuperLink on a free loopback port; yields (connection name, its PID).
 
     The connection is written to ``flwr_home/config.toml``; pass ``env_for(flwr_home)``
     to the ``flwr`` commands that use it.
@@ -95,7 +97,7 @@ def simulation_superlink(flwr_home: Path, cwd: Path, timeout: float = 60) -> Ite
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"flower-superlink did not start; see {log.name}")
             time.sleep(0.3)
-        yield "sim"
+        yield "sim", proc.pid
     finally:
         stop_process(proc)
         log.close()

@@ -42,10 +42,15 @@ def test_pyproject_has_no_federations_section() -> None:
         assert "federations" not in tomllib.load(fh)["tool"]["flwr"]
 
 
-def test_every_experiment_file_loads() -> None:
+def test_every_experiment_file_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("mnist", "cifar10", "fashion_mnist"):  # validation checks the folders exist
+        (tmp_path / name).mkdir()
+    monkeypatch.setenv("FML_DATA_ROOT", str(tmp_path))
     for name in experiment_names():
-        cfg = load_config(name) if name != "base" else load_config()
+        cfg = load_config(name)
         assert cfg.experiment == name
+        if cfg.data.source == "local":
+            assert cfg.data.root == str(tmp_path)
 
 
 def test_run_config_overrides_and_empty_means_unset() -> None:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.simulation
 def test_two_rounds_in_simulation_write_the_results_folder(tmp_path: Path) -> None:
     flwr_home, out = tmp_path / "flwr", tmp_path / "outputs"
-    with simulation_superlink(flwr_home, cwd=tmp_path) as connection:
+    with simulation_superlink(flwr_home, cwd=tmp_path) as (connection, _):
         proc = run_app(
             ROOT,
             flwr_home,

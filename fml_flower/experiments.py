@@ -1,0 +1,285 @@
+"""Run a sweep of (method x setting) runs through Flower's simulation engine.
+
+    python -m fml_flower.experiments p1                 # conf/sweeps/p1.yaml
+    python -m fml_flower.experiments p1 --only fml fedavg --out docs/results
+
+One SuperLink (simulation, loopback, private FLWR_HOME) serves the runs one after another.
+A run whose ``metrics.json`` is complete is skipped, so an interrupted sweep resumes where it
+stopped; an incomplete run folder is moved aside and run again. At the end the sweep writes
+``<out>/<sweep>/results.md`` (a table of final-round numbers) and ``accuracy.png`` (every
+run's accuracy per round), from the ``metrics.json`` files alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fml_flower.config import CONF_DIR, ConfigError, load_config
+from fml_flower.launch import run_app, run_status, simulation_superlink
+
+ROOT = CONF_DIR.parent
+
+
+@dataclass
+class RunSpec:
+    """One run of a sweep."""
+
+    name: str
+    experiment: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    supernodes: int = 2
+
+
+def load_sweep(name: str, conf_dir: Path = CONF_DIR) -> list[RunSpec]:
+    """The runs of ``conf/sweeps/<name>.yaml``, each validated as a configuration."""
+    path = conf_dir / "sweeps" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (conf_dir / "sweeps").glob("*.yaml"))
+        raise ConfigError(f"sweep: no file {path}; available: {known}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    supernodes = int(spec.get("supernodes", 2))
+    runs = []
+    for item in spec.get("runs", []):
+        run = RunSpec(
+            item["name"],
+            item.get("experiment", "base"),
+            dict(item.get("overrides", {})),
+            int(item.get("supernodes", supernodes)),
+        )
+        load_config(run.experiment, run.overrides)  # fail before anything runs
+        runs.append(run)
+    if not runs:
+        raise ConfigError(f"sweep {name}: no runs listed")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep {name}: run names must be unique, got {names}")
+    return runs
+
+
+def is_complete(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run (all rounds and a finish time)."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    rounds = metrics.get("rounds", [])
+    return (
+        "finished" in metrics.get("run", {}) and len(rounds) == cfg["federation"]["num_rounds"] + 1
+    )
+
+
+class PeakMemory:
+    """Peak total resident memory of a process and all its descendants (from /proc)."""
+
+    def __init__(self, root_pid: int, interval: float = 1.0):
+        self.root_pid, self.interval, self.peak_mb = root_pid, interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.root_pid))
+
+
+def tree_rss_mb(root_pid: int) -> float:
+    """Resident memory of ``root_pid`` and its descendants, in MiB (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
+        except OSError:
+            continue
+        pid, ppid = int(fields["Pid"]), int(fields["PPid"])
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total / 1024
+
+
+def run_sweep(name: str, out: Path, only: list[str] | None = None) -> Path:
+    """Run (or resume) sweep ``name``; return its folder under ``out``."""
+    runs = [r for r in load_sweep(name) if not only or r.name in only]
+    sweep_dir = (out / name).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in runs if not is_complete(sweep_dir / r.name)]
+    print(f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} already complete", flush=True)
+    if todo:
+        flwr_home = sweep_dir / ".flwr"
+        with simulation_superlink(flwr_home, cwd=ROOT) as (connection, superlink_pid):
+            for run in todo:
+                _run_one(run, sweep_dir, flwr_home, connection, superlink_pid)
+    write_report(name, sweep_dir, runs)
+    return sweep_dir
+
+
+def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pid: int) -> None:
+    run_dir = sweep_dir / run.name
+    if run_dir.exists():
+        aside = sweep_dir / f".incomplete-{run.name}-{datetime.now():%Y%m%d%H%M%S}"
+        run_dir.rename(aside)
+        print(f"  {run.name}: incomplete folder moved to {aside.name}", flush=True)
+    print(f"  {run.name}: running ({run.experiment}, {run.overrides})", flush=True)
+    t0 = time.monotonic()
+    run_config = {
+        "experiment": run.experiment,
+        **run.overrides,
+        "output.dir": str(sweep_dir),
+        "output.run_name": run.name,
+    }
+    with PeakMemory(pid) as memory:
+        proc = run_app(ROOT, flwr_home, connection, run_config, run.supernodes, timeout=6 * 3600)
+    (sweep_dir / f".{run.name}.log").write_text(proc.stdout + proc.stderr)
+    status = run_status(flwr_home, connection)
+    if proc.returncode != 0 or not is_complete(run_dir):
+        raise RuntimeError(
+            f"run {run.name} failed (flwr exit {proc.returncode}, status "
+            f"{status[-1] if status else '?'}); log: {sweep_dir / f'.{run.name}.log'}"
+        )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["run"].update(
+        wall_seconds=time.monotonic() - t0, peak_memory_mb=memory.peak_mb, supernodes=run.supernodes
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print(
+        f"  {run.name}: done in {time.monotonic() - t0:.0f}s, peak {memory.peak_mb:.0f} MiB",
+        flush=True,
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    """Final-round numbers of one run, as BENCHMARKS.md asks for them."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rounds = [r for r in metrics["rounds"] if r["round"] > 0]
+    last = rounds[-1]
+    return {
+        "rounds": last["round"],
+        "personal": last.get("personal_acc"),
+        "personal_min": last.get("personal_acc_min"),
+        "personal_max": last.get("personal_acc_max"),
+        "global_clients": last.get("global_acc"),
+        "central": last.get("central_acc"),
+        "round_median_s": statistics.median(r["seconds"] for r in rounds),
+        "wall_s": metrics["run"].get("wall_seconds"),
+        "peak_mb": metrics["run"].get("peak_memory_mb"),
+    }
+
+
+def write_report(name: str, sweep_dir: Path, runs: list[RunSpec]) -> Path:
+    """``results.md`` and ``accuracy.png`` of the sweep, from its ``metrics.json`` files."""
+    done = [r for r in runs if is_complete(sweep_dir / r.name)]
+    lines = [
+        f"# Sweep `{name}`",
+        "",
+        f"Written {datetime.now():%Y-%m-%d %H:%M} by `python -m fml_flower.experiments {name}` "
+        "from the runs' `metrics.json`. Accuracies in %, final round; personalized = each "
+        "client's model on its own test part (mean weighted by test examples, [min, max] over "
+        "clients); global = the global model on the clients' test parts and on the central "
+        "test set.",
+        "",
+        "| run | rounds | personalized | [min, max] | global (clients) | global (central) "
+        "| round median (s) | wall (s) | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in done:
+        s = summarize(sweep_dir / run.name)
+        lines.append(
+            f"| {run.name} | {s['rounds']} | {_pct(s['personal'])} | "
+            f"[{_pct(s['personal_min'])}, {_pct(s['personal_max'])}] | "
+            f"{_pct(s['global_clients'])} | {_pct(s['central'])} | {s['round_median_s']:.1f} | "
+            f"{s['wall_s'] or 0:.0f} | {s['peak_mb'] or 0:.0f} |"
+        )
+    missing = [r.name for r in runs if r not in done]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)}."]
+    report = sweep_dir / "results.md"
+    report.write_text("\n".join(lines) + "\n")
+    if done:
+        _plot(sweep_dir, [r.name for r in done])
+    return report
+
+
+def _plot(sweep_dir: Path, names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name in names:
+        rounds = json.loads((sweep_dir / name / "metrics.json").read_text())["rounds"]
+        trained = [r for r in rounds if r["round"] > 0]
+        xs = [r["round"] for r in trained]
+        if trained and trained[0].get("personal_acc") is not None:
+            axes[0].plot(xs, [r["personal_acc"] for r in trained], label=name)
+        if trained and trained[0].get("global_acc") is not None:
+            axes[1].plot(xs, [r["global_acc"] for r in trained], label=name)
+    for ax, title in zip(
+        axes, ("personalized (own test)", "global model (clients' test)"), strict=True
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("accuracy")
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", help="name of conf/sweeps/<sweep>.yaml")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "docs" / "results",
+        help="parent folder of the sweep's folder (default docs/results)",
+    )
+    parser.add_argument("--only", nargs="*", help="run only these run names")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite results.md/accuracy.png from existing runs",
+    )
+    args = parser.parse_args(argv)
+    if args.report_only:
+        print(write_report(args.sweep, (args.out / args.sweep).resolve(), load_sweep(args.sweep)))
+        return 0
+    print(run_sweep(args.sweep, args.out, args.only) / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
