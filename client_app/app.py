@@ -26,7 +26,7 @@ from client_app.methods import (
 from client_app.state import has_personal_model, load_personal
 from fml_flower.config import FMLConfig, config_from_run_config, to_yaml
 from fml_flower.data import ClientData, DatasetInfo, federated_data
-from fml_flower.models import build_model
+from fml_flower.models import build_model, resolve_device
 from fml_flower.training import evaluate
 
 app = ClientApp()
@@ -56,15 +56,17 @@ def partition_of(context: Context) -> tuple[int, int]:
         ) from err
 
 
-_DATA_CACHE: dict[tuple[str, int, int], tuple[ClientData, DatasetInfo]] = {}
+_DATA_CACHE: dict[tuple[str, int, int, str], tuple[ClientData, DatasetInfo]] = {}
 
 
 def client_data(cfg: FMLConfig, pid: int, n: int) -> tuple[ClientData, DatasetInfo]:
-    """This client's train/test tensors, loaded and partitioned once per process."""
-    key = (to_yaml(cfg.data), pid, n)  # type: ignore[arg-type]
+    """This client's train/test tensors on its device, loaded once per process."""
+    device = resolve_device(cfg.train.device)
+    key = (to_yaml(cfg.data), pid, n, str(device))  # type: ignore[arg-type]
     if key not in _DATA_CACHE:
         data = federated_data(cfg.data, n)
-        _DATA_CACHE[key] = (data.client(pid, n), data.info)
+        part = data.client(pid, n)
+        _DATA_CACHE[key] = (part.to(device), data.info)
     return _DATA_CACHE[key]
 
 
@@ -106,7 +108,7 @@ def evaluate_models(msg: Message, context: Context) -> Message:
         metrics.update(personal_acc=metrics["global_acc"], personal_loss=metrics["global_loss"])
     elif has_personal_model(context):
         arch = personal_arch(cfg, inp.pid)
-        personal = build_model(arch, inp.info.input_shape, inp.info.num_classes)
+        personal = build_model(arch, inp.info.input_shape, inp.info.num_classes).to(inp.device)
         load_personal(context, personal, None, arch)
         if method == "fedper":  # today's body with the client's own head
             load_body(personal, inp.arrays)

@@ -17,7 +17,7 @@ from torch import nn
 from client_app.state import has_personal_model, load_personal, save_personal
 from fml_flower.config import FMLConfig
 from fml_flower.data import ClientData, DatasetInfo
-from fml_flower.models import build_model, head_keys
+from fml_flower.models import build_model, cpu_state_dict, head_keys
 from fml_flower.training import EpochStats, mutual_learning_epoch, sgd, supervised_epoch
 
 
@@ -42,6 +42,11 @@ class RoundInput:
     def lr(self) -> float:
         """This round's learning rate (the server applies the decay)."""
         return float(self.config["lr"])
+
+    @property
+    def device(self) -> torch.device:
+        """Where this client trains (the data tensors already live there)."""
+        return self.data.train.x.device
 
     def generator(self) -> torch.Generator:
         """The batch-order generator of this client and round."""
@@ -79,7 +84,7 @@ def global_model(inp: RoundInput) -> nn.Module:
     """The meme/global architecture loaded with the received arrays."""
     model = build_model(inp.cfg.model.meme, inp.info.input_shape, inp.info.num_classes)
     model.load_state_dict(inp.arrays.to_torch_state_dict())
-    return model
+    return model.to(inp.device)
 
 
 def restore_personal(inp: RoundInput) -> tuple[nn.Module, torch.optim.SGD]:
@@ -87,7 +92,7 @@ def restore_personal(inp: RoundInput) -> tuple[nn.Module, torch.optim.SGD]:
     arch = personal_arch(inp.cfg, inp.pid)
     model = build_model(
         arch, inp.info.input_shape, inp.info.num_classes, seed=seed_for(inp.cfg, inp.pid)
-    )
+    ).to(inp.device)
     opt = inp.optimizer(model)
     if has_personal_model(inp.context):
         load_personal(inp.context, model, opt, arch)
@@ -110,7 +115,7 @@ def train_fml(inp: RoundInput) -> TrainResult:
             local, meme, opt_local, opt_meme, x, y, t.batch_size, alpha, beta, t.update, gen, stats
         )
     save_personal(inp.context, local, opt_local, personal_arch(inp.cfg, inp.pid))
-    return ArrayRecord(meme.state_dict()), stats.means()
+    return ArrayRecord(cpu_state_dict(meme)), stats.means()
 
 
 def train_fedavg(inp: RoundInput) -> TrainResult:
@@ -133,7 +138,7 @@ def train_fedavg(inp: RoundInput) -> TrainResult:
             anchor=anchor,
             stats=stats,
         )
-    return ArrayRecord(model.state_dict()), _meme_columns(stats)
+    return ArrayRecord(cpu_state_dict(model)), _meme_columns(stats)
 
 
 def train_ditto(inp: RoundInput) -> TrainResult:
@@ -162,7 +167,7 @@ def train_ditto(inp: RoundInput) -> TrainResult:
             stats=p_stats,
         )
     save_personal(inp.context, personal, opt_personal, personal_arch(inp.cfg, inp.pid))
-    return ArrayRecord(model.state_dict()), {**p_stats.means(), **_meme_columns(g_stats)}
+    return ArrayRecord(cpu_state_dict(model)), {**p_stats.means(), **_meme_columns(g_stats)}
 
 
 def train_fedper(inp: RoundInput) -> TrainResult:
@@ -177,7 +182,7 @@ def train_fedper(inp: RoundInput) -> TrainResult:
             model, opt, inp.data.train.x, inp.data.train.y, t.batch_size, gen, stats=stats
         )
     save_personal(inp.context, model, opt, personal_arch(inp.cfg, inp.pid))
-    body = {k: v for k, v in model.state_dict().items() if k not in private}
+    body = {k: v for k, v in cpu_state_dict(model).items() if k not in private}
     return ArrayRecord(body), stats.means()
 
 

@@ -14,6 +14,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import nn
 
+from fml_flower.models import cpu_state_dict
+
 MODEL_KEY = "fml.personal.model"
 OPTIMIZER_KEY = "fml.personal.optimizer"
 META_KEY = "fml.personal.meta"
@@ -29,7 +31,7 @@ def save_personal(
 ) -> None:
     """Store ``model`` (parameters and buffers) and ``optimizer``'s state in the context."""
     rounds = int(context.state[META_KEY]["rounds_trained"]) if META_KEY in context.state else 0
-    context.state[MODEL_KEY] = ArrayRecord(model.state_dict())
+    context.state[MODEL_KEY] = ArrayRecord(cpu_state_dict(model))
     if optimizer is not None:
         buffer = io.BytesIO()
         torch.save(optimizer.state_dict(), buffer)
@@ -55,5 +57,7 @@ def load_personal(
     model.load_state_dict(context.state[MODEL_KEY].to_torch_state_dict())
     if optimizer is not None and OPTIMIZER_KEY in context.state:
         blob = context.state[OPTIMIZER_KEY]["state"]
-        optimizer.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))  # type: ignore[arg-type]
+        optimizer.load_state_dict(
+            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        )  # type: ignore[arg-type]
     return int(meta["rounds_trained"])  # type: ignore[arg-type]

@@ -104,6 +104,8 @@ class TrainConfig:
     """FedProx: weight of the proximal term."""
     ditto_lambda: float = 0.1
     """Ditto: weight of the personal model's pull towards the global model."""
+    device: str = "auto"
+    """``auto`` (``cuda`` if torch sees a GPU, else ``cpu``), ``cpu`` or ``cuda[:i]``."""
     torch_threads: int = 0
     """torch.set_num_threads in each ClientApp process; 0 = leave torch's default."""
 
@@ -305,6 +307,11 @@ def validate(cfg: FMLConfig) -> None:
         _check(all(0 <= v <= 1 for v in sched), key, f"{sched} has values outside [0, 1]")
     _check(t.proximal_mu >= 0, "train.proximal_mu", "must be >= 0")
     _check(t.ditto_lambda >= 0, "train.ditto_lambda", "must be >= 0")
+    _check(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        "train.device",
+        f"'{t.device}' is not one of auto, cpu, cuda, cuda:<i>",
+    )
     _check(t.torch_threads >= 0, "train.torch_threads", "must be >= 0 (0 = torch default)")
 
     _check(f.num_rounds >= 1, "federation.num_rounds", "must be >= 1")

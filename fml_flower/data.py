@@ -54,6 +54,10 @@ class TensorSplit:
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device: torch.device) -> TensorSplit:
+        """The same split on ``device``."""
+        return TensorSplit(self.x.to(device), self.y.to(device))
+
 
 @dataclass(frozen=True)
 class ClientData:
@@ -61,6 +65,10 @@ class ClientData:
 
     train: TensorSplit
     test: TensorSplit
+
+    def to(self, device: torch.device) -> ClientData:
+        """Both parts on ``device``."""
+        return ClientData(self.train.to(device), self.test.to(device))
 
 
 @dataclass(frozen=True)

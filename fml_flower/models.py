@@ -193,3 +193,17 @@ def head_keys(model: nn.Module) -> list[str]:
         raise ValueError(f"{type(model).__name__} has no linear layer to serve as a head")
     prefix = f"{last}." if last else ""
     return [k for k in model.state_dict() if k.startswith(prefix) and "." not in k[len(prefix) :]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is available, else ``cpu``; otherwise as named."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict on the CPU (what goes into records and files)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

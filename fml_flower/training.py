@@ -58,7 +58,7 @@ def batches(
     loader has to do; ``torch.utils.data.DataLoader`` would add per-sample indexing and
     collation on the hot path for no benefit.
     """
-    order = torch.randperm(len(y), generator=generator)
+    order = torch.randperm(len(y), generator=generator).to(y.device)
     for start in range(0, len(y), batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fml_flower.config import FMLConfig, config_from_run_config, to_yaml
 from fml_flower.data import FederatedImageData, federated_data
-from fml_flower.models import build_model, head_keys
+from fml_flower.models import build_model, cpu_state_dict, head_keys, resolve_device
 from fml_flower.results import RunRecorder, plot_run
 from fml_flower.schedule import round_settings
 from fml_flower.training import evaluate
@@ -84,11 +84,14 @@ class CentralEvaluation:
         recorder: RunRecorder,
     ):
         self.cfg = cfg
-        self.test = data.central_test()
+        device = resolve_device(cfg.train.device)
+        self.test = data.central_test().to(device)
         self.info = data.info
         self.strategy = strategy
         self.recorder = recorder
-        self.model = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes)
+        self.model = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes).to(
+            device
+        )
         self.t_start = self.t_last = time.monotonic()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -207,7 +210,7 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     strategy = make_strategy(cfg, head_keys(meme))
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(meme.state_dict()),
+        initial_arrays=ArrayRecord(cpu_state_dict(meme)),
         num_rounds=cfg.federation.num_rounds,
         timeout=cfg.federation.round_timeout,
         train_config=ConfigRecord(),

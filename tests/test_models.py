@@ -41,3 +41,14 @@ def test_unknown_model_names_the_choices() -> None:
 def test_model_that_cannot_take_the_input_fails_clearly() -> None:
     with pytest.raises(ValueError, match="cannot take inputs of shape"):
         build_model("alexnet", (1, 28, 28), 10)
+
+
+def test_device_resolution() -> None:
+    from fml_flower.models import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
