@@ -10,7 +10,9 @@ reply with the meme's arrays only and metrics holding ``num-examples``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -23,8 +25,8 @@ from client_app.methods import (
     load_body,
     personal_arch,
 )
-from client_app.state import has_personal_model, load_personal
-from fml_flower.config import FMLConfig, config_from_run_config, to_yaml
+from client_app.state import has_personal_model, load_personal, restore_from_disk
+from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to_yaml, validate
 from fml_flower.data import ClientData, DatasetInfo, federated_data
 from fml_flower.models import build_model, resolve_device
 from fml_flower.training import evaluate
@@ -70,12 +72,48 @@ def client_data(cfg: FMLConfig, pid: int, n: int) -> tuple[ClientData, DatasetIn
     return _DATA_CACHE[key]
 
 
+def node_overrides(cfg: FMLConfig, context: Context) -> FMLConfig:
+    """Apply the node config's ``data-root`` (this node's own data folder), if any."""
+    root = context.node_config.get("data-root")
+    if root in (None, ""):
+        return cfg
+    cfg = replace(cfg, data=replace(cfg.data, source="local", root=str(root)))
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"node config data-root='{root}': {err}") from err
+    return cfg
+
+
+def state_dir_of(context: Context) -> Path | None:
+    """The node-local folder for durable personal state (node config ``state-dir``)."""
+    value = context.node_config.get("state-dir")
+    return Path(str(value)).expanduser() if value not in (None, "") else None
+
+
 def round_input(msg: Message, context: Context) -> RoundInput:
-    """Configuration, data and the received records of one message."""
-    cfg = client_config(context)
+    """Configuration, data and the received records of one message.
+
+    With a ``state-dir`` and an empty ``context.state`` (a new run or a restarted
+    SuperNode), the personalized model saved on disk is restored first.
+    """
+    cfg = node_overrides(client_config(context), context)
     pid, n = partition_of(context)
     data, info = client_data(cfg, pid, n)
-    return RoundInput(cfg, context, pid, data, info, msg.content["arrays"], msg.content["config"])
+    inp = RoundInput(
+        cfg,
+        context,
+        pid,
+        data,
+        info,
+        msg.content["arrays"],
+        msg.content["config"],
+        state_dir=state_dir_of(context),
+    )
+    if inp.state_dir is not None and not has_personal_model(context):
+        restored = restore_from_disk(context, inp.state_dir, pid, personal_arch(cfg, pid))
+        inp.notes["personal_restored_from_disk"] = float(restored)
+    return inp
 
 
 @app.train()
@@ -86,7 +124,12 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "metrics": MetricRecord(
-                {**metrics, "num-examples": len(inp.data.train), "partition_id": inp.pid}
+                {
+                    **metrics,
+                    **inp.notes,
+                    "num-examples": len(inp.data.train),
+                    "partition_id": inp.pid,
+                }
             )
         }
     )

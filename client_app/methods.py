@@ -8,13 +8,19 @@ none) and the training metrics. Personal state lives in ``context.state``
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import nn
 
-from client_app.state import has_personal_model, load_personal, save_personal
+from client_app.state import (
+    has_personal_model,
+    load_personal,
+    persist_personal,
+    save_personal,
+)
 from fml_flower.config import FMLConfig
 from fml_flower.data import ClientData, DatasetInfo
 from fml_flower.models import build_model, cpu_state_dict, head_keys
@@ -32,11 +38,15 @@ class RoundInput:
     info: DatasetInfo
     arrays: ArrayRecord
     config: ConfigRecord
+    state_dir: Path | None = None
+    """Node-local folder for the durable copy of the personalized model (node config)."""
+    notes: dict[str, float] = field(default_factory=dict)
+    """Extra metrics gathered on the way (e.g. whether the model came from disk)."""
 
     @property
     def server_round(self) -> int:
-        """The round number the server sent."""
-        return int(self.config["server-round"])
+        """The round number (absolute, also in a resumed run)."""
+        return int(self.config.get("round", self.config["server-round"]))
 
     @property
     def lr(self) -> float:
@@ -98,7 +108,21 @@ def restore_personal(inp: RoundInput) -> tuple[nn.Module, torch.optim.SGD]:
         load_personal(inp.context, model, opt, arch)
         for group in opt.param_groups:
             group["lr"] = inp.lr
+    inp.notes["personal_fingerprint_start"] = fingerprint(model)
     return model, opt
+
+
+def fingerprint(model: nn.Module) -> float:
+    """Sum of absolute parameter values: tells a restored model from a fresh one."""
+    with torch.no_grad():
+        return float(sum(p.abs().sum().item() for p in model.parameters()))
+
+
+def store_personal(inp: RoundInput, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Keep the personalized model in ``context.state`` and, with a state dir, on disk."""
+    save_personal(inp.context, model, opt, personal_arch(inp.cfg, inp.pid))
+    if inp.state_dir is not None:
+        persist_personal(inp.context, inp.state_dir, inp.pid)
 
 
 def train_fml(inp: RoundInput) -> TrainResult:
@@ -114,7 +138,7 @@ def train_fml(inp: RoundInput) -> TrainResult:
         mutual_learning_epoch(
             local, meme, opt_local, opt_meme, x, y, t.batch_size, alpha, beta, t.update, gen, stats
         )
-    save_personal(inp.context, local, opt_local, personal_arch(inp.cfg, inp.pid))
+    store_personal(inp, local, opt_local)
     return ArrayRecord(cpu_state_dict(meme)), stats.means()
 
 
@@ -166,7 +190,7 @@ def train_ditto(inp: RoundInput) -> TrainResult:
             anchor=anchor,
             stats=p_stats,
         )
-    save_personal(inp.context, personal, opt_personal, personal_arch(inp.cfg, inp.pid))
+    store_personal(inp, personal, opt_personal)
     return ArrayRecord(cpu_state_dict(model)), {**p_stats.means(), **_meme_columns(g_stats)}
 
 
@@ -181,7 +205,7 @@ def train_fedper(inp: RoundInput) -> TrainResult:
         supervised_epoch(
             model, opt, inp.data.train.x, inp.data.train.y, t.batch_size, gen, stats=stats
         )
-    save_personal(inp.context, model, opt, personal_arch(inp.cfg, inp.pid))
+    store_personal(inp, model, opt)
     body = {k: v for k, v in cpu_state_dict(model).items() if k not in private}
     return ArrayRecord(body), stats.means()
 
@@ -195,7 +219,7 @@ def train_local(inp: RoundInput) -> TrainResult:
         supervised_epoch(
             model, opt, inp.data.train.x, inp.data.train.y, t.batch_size, gen, stats=stats
         )
-    save_personal(inp.context, model, opt, personal_arch(inp.cfg, inp.pid))
+    store_personal(inp, model, opt)
     return None, stats.means()
 
 

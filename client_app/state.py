@@ -4,16 +4,22 @@
 message in simulation), so it holds only what must persist: the model's state dict
 (an ArrayRecord), the optimizer's state (momentum buffers, serialized with
 ``torch.save``) and a little metadata to refuse a mismatched model.
+
+With a node-local ``state-dir`` (node config), the same is also written to disk after
+every round and read back when ``context.state`` is empty (a new run, a restarted
+SuperNode), so a client never loses its personalized model.
 """
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import nn
 
+from fml_flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fml_flower.models import cpu_state_dict
 
 MODEL_KEY = "fml.personal.model"
@@ -61,3 +67,58 @@ def load_personal(
             torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         )  # type: ignore[arg-type]
     return int(meta["rounds_trained"])  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------- durable copy on disk
+
+
+def personal_file(state_dir: Path, partition_id: int) -> Path:
+    """The node-local file holding the personalized model of ``partition_id``."""
+    return state_dir / f"personal-p{partition_id}.ckpt"
+
+
+def persist_personal(context: Context, state_dir: Path, partition_id: int) -> Path:
+    """Write the personalized model held in ``context.state`` to ``state_dir`` atomically."""
+    meta = context.state[META_KEY]
+    payload = {
+        "model": context.state[MODEL_KEY].to_torch_state_dict(),
+        "optimizer": context.state[OPTIMIZER_KEY]["state"]
+        if OPTIMIZER_KEY in context.state
+        else b"",
+        "arch": meta["arch"],
+        "rounds_trained": int(meta["rounds_trained"]),  # type: ignore[arg-type]
+        "partition_id": partition_id,
+    }
+    path = personal_file(state_dir, partition_id)
+    save_checkpoint(path, payload)
+    return path
+
+
+def restore_from_disk(context: Context, state_dir: Path, partition_id: int, arch: str) -> bool:
+    """Put the personalized model saved in ``state_dir`` into an empty ``context.state``.
+
+    Returns False when there is no file (a client's first round ever). A corrupt file,
+    or one saved for another partition or architecture, raises instead of letting the
+    client start afresh.
+    """
+    path = personal_file(state_dir, partition_id)
+    if not path.exists():
+        return False
+    payload = load_checkpoint(path)
+    if payload.get("partition_id") != partition_id:
+        raise CheckpointError(
+            f"{path}: saved for partition {payload.get('partition_id')}, this node is "
+            f"partition {partition_id}"
+        )
+    if payload.get("arch") != arch:
+        raise CheckpointError(
+            f"{path}: holds a '{payload.get('arch')}' personalized model, this client is "
+            f"configured for '{arch}'; refusing to replace it"
+        )
+    context.state[MODEL_KEY] = ArrayRecord(payload["model"])
+    if payload["optimizer"]:
+        context.state[OPTIMIZER_KEY] = ConfigRecord({"state": payload["optimizer"]})
+    context.state[META_KEY] = ConfigRecord(
+        {"arch": arch, "rounds_trained": int(payload["rounds_trained"])}
+    )
+    return True
