@@ -120,6 +120,12 @@ class FederationConfig:
     min_nodes: int = 2
     """Wait for at least this many nodes; also the minimum sampled per round."""
     round_timeout: float = 3600.0
+    """Seconds to wait for the replies of a round; late nodes count as missing."""
+    min_replies: int = 1
+    """Fewest valid training replies to update the global model; below it, the round keeps
+    the previous global model (and says so in the results)."""
+    resume_from: str = ""
+    """A previous run folder: continue from its last checkpointed round."""
 
 
 @dataclass
@@ -319,6 +325,7 @@ def validate(cfg: FMLConfig) -> None:
     _check(0 <= f.fraction_evaluate <= 1, "federation.fraction_evaluate", "must be in [0, 1]")
     _check(f.min_nodes >= 1, "federation.min_nodes", "must be >= 1")
     _check(f.round_timeout > 0, "federation.round_timeout", "must be > 0")
+    _check(f.min_replies >= 1, "federation.min_replies", "must be >= 1")
 
 
 def to_yaml(cfg: FMLConfig) -> str:

@@ -1,25 +1,25 @@
-"""The FML ServerApp: validate, build the initial meme, run the strategy, save results."""
+"""The FML ServerApp: validate, build (or resume) the global model, run, save results."""
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fml_flower.config import FMLConfig, config_from_run_config, to_yaml
-from fml_flower.data import FederatedImageData, federated_data
-from fml_flower.models import build_model, cpu_state_dict, head_keys, resolve_device
+from fml_flower.checkpoint import load_checkpoint
+from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to_yaml
+from fml_flower.data import federated_data
+from fml_flower.models import build_model, cpu_state_dict, head_keys
 from fml_flower.results import RunRecorder, plot_run
-from fml_flower.schedule import round_settings
-from fml_flower.training import evaluate
-from strategies.baselines import Ditto, FedAvgBaseline, FedPer, FedProx, LocalOnly
-from strategies.fml import FedMutualLearning
-from strategies.robust import RobustFedAvg
+from server_app.methods import make_strategy
+from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
 
 app = ServerApp()
 
@@ -43,143 +43,56 @@ def run_dir_for(cfg: FMLConfig) -> Path:
     return (Path(cfg.output.dir).expanduser() / name).resolve()
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+@dataclass
+class ResumePoint:
+    """Where a resumed run starts: the last finished round and its global model."""
+
+    round: int
+    arrays: dict
+    rounds: list[dict]
+    source: Path
 
 
-def progress_line(record: dict, num_rounds: int) -> str:
-    """One human-readable line about a finished round."""
-    r, elapsed = record["round"], record["elapsed"]
-    eta = elapsed / r * (num_rounds - r)
-    parts = [
-        f"[round {r}/{num_rounds}] {record['seconds']:.1f}s, elapsed {elapsed:.0f}s, ETA {eta:.0f}s"
-    ]
-    if "personal_acc" in record:
-        parts.append(
-            f"personalized {record['personal_acc']:.4f} "
-            f"[{record['personal_acc_min']:.3f}-{record['personal_acc_max']:.3f}]"
+def resume_point(cfg: FMLConfig) -> ResumePoint | None:
+    """The checkpoint named by ``federation.resume_from`` (a run folder), if any."""
+    if not cfg.federation.resume_from:
+        return None
+    folder = Path(cfg.federation.resume_from).expanduser().resolve()
+    path = folder / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ConfigError(f"federation.resume_from: no {CHECKPOINT_NAME} in {folder}")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("meme") != cfg.model.meme or ckpt.get("method") != cfg.train.method:
+        raise ConfigError(
+            f"federation.resume_from: the checkpoint is a {ckpt.get('method')} run with meme "
+            f"'{ckpt.get('meme')}', this run is {cfg.train.method} with '{cfg.model.meme}'"
         )
-    if "global_acc" in record:
-        parts.append(f"global(clients) {record['global_acc']:.4f}")
-    if record.get("central_acc") is not None:
-        parts.append(f"global(central) {record['central_acc']:.4f}")
-    if record.get("replies_dropped"):
-        parts.append(f"dropped {record['replies_dropped']}")
-    return " | ".join(parts)
-
-
-class CentralEvaluation:
-    """Evaluates the global model on the central test set and records every round.
-
-    Flower's ``Strategy.start`` calls it after each round's client evaluation, so this is
-    where the round's record (client metrics from the strategy, central metrics, timing)
-    is assembled, written and shown.
-    """
-
-    def __init__(
-        self,
-        cfg: FMLConfig,
-        data: FederatedImageData,
-        strategy: RobustFedAvg,
-        recorder: RunRecorder,
-    ):
-        self.cfg = cfg
-        device = resolve_device(cfg.train.device)
-        self.test = data.central_test().to(device)
-        self.info = data.info
-        self.strategy = strategy
-        self.recorder = recorder
-        self.model = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes).to(
-            device
+    done = int(ckpt["round"])
+    if done >= cfg.federation.num_rounds:
+        raise ConfigError(
+            f"federation.resume_from: {folder.name} already finished round {done} of "
+            f"federation.num_rounds={cfg.federation.num_rounds}; raise num_rounds to go on"
         )
-        self.t_start = self.t_last = time.monotonic()
-
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Central accuracy and loss of ``arrays``; also records the round."""
-        central: dict[str, float] = {}
-        if self.cfg.train.method in HAS_GLOBAL_MODEL:
-            self.model.load_state_dict(arrays.to_torch_state_dict())
-            res = evaluate(self.model, self.test.x, self.test.y)
-            central = {"central_acc": res.accuracy, "central_loss": res.loss}
-        now = time.monotonic()
-        record: dict = {"round": server_round, "central_acc": None, **central}
-        if server_round > 0:
-            book = self.strategy.round_log(server_round)
-            settings = round_settings(self.cfg.train, server_round)
-            record.update(book.evaluate_metrics)
-            record.update({k: v for k, v in book.train_metrics.items() if k.startswith("train_")})
-            record.update(
-                lr=settings.lr,
-                alpha=settings.alpha,
-                beta=settings.beta,
-                clients_trained=book.train_accepted,
-                clients_evaluated=int(book.evaluate_metrics.get("num_clients", 0)),
-                replies_dropped=len(book.train_dropped) + len(book.evaluate_dropped),
-                dropped_reasons=book.train_dropped + book.evaluate_dropped,
-                seconds=now - self.t_last,
-                elapsed=now - self.t_start,
-                clients={str(k): v for k, v in sorted(book.clients.items())},
-            )
-            record.pop("num_clients", None)
-            log(INFO, progress_line(record, self.cfg.federation.num_rounds))
-        else:
-            record.update(seconds=0.0, elapsed=0.0)
-            log(
-                INFO,
-                "[round 0] initial global model: central accuracy %s",
-                _fmt(record["central_acc"]),
-            )
-        self.t_last = now
-        self.recorder.add_round(record)
-        return MetricRecord(central)
-
-
-def make_strategy(cfg: FMLConfig, private_keys: list[str]) -> RobustFedAvg:
-    """The strategy of ``train.method``, with this configuration's federation settings.
-
-    ``private_keys`` are the global model's head keys (FedPer keeps them on clients).
-    """
-    f, t = cfg.federation, cfg.train
-
-    def round_config(server_round: int) -> dict[str, float | int | str | bool]:
-        s = round_settings(t, server_round)
-        return {"lr": s.lr, "alpha": s.alpha, "beta": s.beta}
-
-    common: dict = dict(
-        round_config_fn=round_config,
-        fraction_train=f.fraction_train,
-        fraction_evaluate=f.fraction_evaluate,
-        min_train_nodes=f.min_nodes,
-        min_evaluate_nodes=f.min_nodes if f.fraction_evaluate > 0 else 0,
-        min_available_nodes=f.min_nodes,
-    )
-    if t.method == "fml":
-        return FedMutualLearning(alpha=t.alpha, beta=t.beta, **common)
-    if t.method == "fedavg":
-        return FedAvgBaseline(**common)
-    if t.method == "fedprox":
-        return FedProx(proximal_mu=t.proximal_mu, **common)
-    if t.method == "ditto":
-        return Ditto(ditto_lambda=t.ditto_lambda, **common)
-    if t.method == "fedper":
-        return FedPer(private_keys=private_keys, **common)
-    if t.method == "local":
-        return LocalOnly(**common)
-    raise ValueError(f"train.method: unknown '{t.method}'")
-
-
-HAS_GLOBAL_MODEL = ("fml", "fedavg", "fedprox", "ditto")
-"""Methods whose server holds a complete model to evaluate centrally (FedPer's global
-model has no head, local-only has none)."""
+    rounds = json.loads((folder / "metrics.json").read_text())["rounds"]
+    return ResumePoint(done, ckpt["arrays"], [r for r in rounds if r["round"] <= done], folder)
 
 
 def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
-    """Run FML for ``cfg.federation.num_rounds`` rounds; return the results folder."""
+    """Run ``train.method`` for ``federation.num_rounds`` rounds; return the results folder.
+
+    Everything is validated (configuration, data, partitions, resume checkpoint) before the
+    results folder is created and before any client trains.
+    """
     t0 = time.monotonic()
+    resume = resume_point(cfg)
     num_nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.round_timeout)
     data = federated_data(cfg.data, num_nodes)
     sizes = data.check_partitions(num_nodes)
     meme = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes, seed=cfg.seed)
+    offset = 0
+    if resume is not None:
+        meme.load_state_dict(resume.arrays)
+        offset = resume.round
     run_dir = run_dir_for(cfg)
     recorder = RunRecorder(
         run_dir,
@@ -191,12 +104,15 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
             "partition_sizes": sizes,
             "input_shape": list(data.info.input_shape),
             "num_classes": data.info.num_classes,
+            "resumed_from": str(resume.source) if resume else None,
         },
         to_yaml(cfg),
     )
+    if resume is not None:
+        recorder.rounds.extend(resume.rounds)
     log(
         INFO,
-        "%s: %d nodes, data %s/%s (%s), meme %s, local %s; results in %s",
+        "%s: %d nodes, data %s/%s (%s), meme %s, local %s; %sresults in %s",
         cfg.train.method.upper(),
         num_nodes,
         cfg.data.source,
@@ -204,18 +120,19 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         cfg.data.partitioner,
         cfg.model.meme,
         cfg.model.local,
+        f"resuming after round {offset}; " if resume else "",
         run_dir,
     )
 
-    strategy = make_strategy(cfg, head_keys(meme))
+    strategy = make_strategy(cfg, head_keys(meme), round_offset=offset)
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(cpu_state_dict(meme)),
-        num_rounds=cfg.federation.num_rounds,
+        num_rounds=cfg.federation.num_rounds - offset,
         timeout=cfg.federation.round_timeout,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
-        evaluate_fn=CentralEvaluation(cfg, data, strategy, recorder),
+        evaluate_fn=CentralEvaluation(cfg, data, strategy, recorder, round_offset=offset),
     )
     recorder.finish(
         finished=datetime.now().isoformat(timespec="seconds"), seconds=time.monotonic() - t0

@@ -25,8 +25,11 @@ RoundConfigFn = Callable[[int], dict[str, float | int | str | bool]]
 class RoundLog:
     """What happened to the replies of one round (kept for the run's results)."""
 
+    train_sent: int = 0
     train_replies: int = 0
     train_accepted: int = 0
+    aggregated: bool = False
+    """Whether the global model was updated this round."""
     train_dropped: list[str] = field(default_factory=list)
     evaluate_replies: int = 0
     evaluate_dropped: list[str] = field(default_factory=list)
@@ -36,6 +39,8 @@ class RoundLog:
     """Aggregated evaluation metrics (weighted means, min and max over clients)."""
     clients: dict[int, dict[str, float]] = field(default_factory=dict)
     """Per-client evaluation metrics, by partition id (or node id if none)."""
+    train_clients: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Per-client training metrics of the accepted replies."""
 
 
 class RobustFedAvg(FedAvg):
@@ -57,14 +62,26 @@ class RobustFedAvg(FedAvg):
     ----------
     round_config_fn : Optional[callable] (default: None)
         ``server_round -> dict`` merged into each round's training ConfigRecord.
+    min_replies : int (default: 1)
+        Fewest valid training replies needed to update the global model; with fewer, the
+        round keeps the previous global model. Nodes that fail or time out do not stop
+        the run either way.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``min_available_nodes``, ``weighted_by_key``, ...).
     """
 
-    def __init__(self, round_config_fn: RoundConfigFn | None = None, **kwargs: object) -> None:
+    def __init__(
+        self,
+        round_config_fn: RoundConfigFn | None = None,
+        min_replies: int = 1,
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         self.round_config_fn = round_config_fn
+        self.min_replies = min_replies
         self.reference_arrays: ArrayRecord | None = None
         self.rounds: dict[int, RoundLog] = {}
 
@@ -80,9 +97,13 @@ class RobustFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Send the global arrays and this round's config to the sampled nodes."""
         self.reference_arrays = arrays
-        return super().configure_train(
-            server_round, arrays, self.train_config(server_round, config), grid
+        messages = list(
+            super().configure_train(
+                server_round, arrays, self.train_config(server_round, config), grid
+            )
         )
+        self.round_log(server_round).train_sent = len(messages)
+        return messages
 
     def round_log(self, server_round: int) -> RoundLog:
         """The bookkeeping of ``server_round`` (created on first use)."""
@@ -136,9 +157,26 @@ class RobustFedAvg(FedAvg):
             )
             return None, None
         metrics = [next(iter(c.metric_records.values())) for c in valid]
+        for m in metrics:
+            client = int(m.get("partition_id", len(book.train_clients)))  # type: ignore[arg-type]
+            book.train_clients[client] = {
+                k: float(v) for k, v in m.items() if isinstance(v, int | float)
+            }
         weights = [float(m[self.weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
         records = [c[self.arrayrecord_key] for c in valid if self.arrayrecord_key in c]
-        arrays = self.aggregate_arrays(records, weights) if records else None
+        arrays = None
+        if len(valid) < self.min_replies:
+            log(
+                WARNING,
+                "aggregate_train: %d valid replies < min_replies=%d in round %d; the global "
+                "model stays as it was",
+                len(valid),
+                self.min_replies,
+                server_round,
+            )
+        elif records:
+            arrays = self.aggregate_arrays(records, weights)
+            book.aggregated = True
         agg_metrics = weighted_mean_metrics(metrics, weights, exclude=(self.weighted_by_key,))
         agg_metrics["num_clients"] = len(valid)
         book.train_metrics = dict(agg_metrics)  # type: ignore[arg-type]

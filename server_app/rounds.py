@@ -1,0 +1,153 @@
+"""Per-round bookkeeping on the server: central evaluation, the round record, progress."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+
+from fml_flower.checkpoint import save_checkpoint
+from fml_flower.config import FMLConfig
+from fml_flower.data import FederatedImageData
+from fml_flower.models import build_model, resolve_device
+from fml_flower.results import RunRecorder
+from fml_flower.schedule import round_settings
+from fml_flower.training import evaluate
+from server_app.methods import HAS_GLOBAL_MODEL
+from strategies.robust import RobustFedAvg
+
+CHECKPOINT_NAME = "checkpoint.ckpt"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def progress_line(record: dict, num_rounds: int, rounds_done_here: int | None = None) -> str:
+    """One human-readable line about a finished round."""
+    r, elapsed = record["round"], record["elapsed"]
+    done = rounds_done_here or r
+    eta = elapsed / done * (num_rounds - r)
+    parts = [
+        f"[round {r}/{num_rounds}] {record['seconds']:.1f}s, elapsed {elapsed:.0f}s, ETA {eta:.0f}s"
+    ]
+    if "personal_acc" in record:
+        parts.append(
+            f"personalized {record['personal_acc']:.4f} "
+            f"[{record['personal_acc_min']:.3f}-{record['personal_acc_max']:.3f}]"
+        )
+    if "global_acc" in record:
+        parts.append(f"global(clients) {record['global_acc']:.4f}")
+    if record.get("central_acc") is not None:
+        parts.append(f"global(central) {record['central_acc']:.4f}")
+    if record.get("replies_dropped") or record.get("replies_missing"):
+        parts.append(f"dropped {record['replies_dropped']}, missing {record['replies_missing']}")
+    if record.get("aggregated") is False:
+        parts.append("global model NOT updated (too few valid replies)")
+    return " | ".join(parts)
+
+
+class CentralEvaluation:
+    """Evaluates the global model centrally, records, checkpoints and shows every round.
+
+    Flower's ``Strategy.start`` calls it after each round's client evaluation, so this is
+    where the round's record (client metrics from the strategy, central metrics, timing)
+    is assembled and written, and where the global model is checkpointed for a resume.
+    ``round_offset`` is the number of rounds a resumed run had done before.
+    """
+
+    def __init__(
+        self,
+        cfg: FMLConfig,
+        data: FederatedImageData,
+        strategy: RobustFedAvg,
+        recorder: RunRecorder,
+        round_offset: int = 0,
+    ):
+        self.cfg = cfg
+        device = resolve_device(cfg.train.device)
+        self.test = data.central_test().to(device)
+        self.strategy = strategy
+        self.recorder = recorder
+        self.round_offset = round_offset
+        self.model = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes).to(
+            device
+        )
+        self.t_start = self.t_last = time.monotonic()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """Where the global model of the last finished round is kept."""
+        return self.recorder.run_dir / CHECKPOINT_NAME
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Central accuracy and loss of ``arrays``; also records and checkpoints the round."""
+        central: dict[str, float] = {}
+        if self.cfg.train.method in HAS_GLOBAL_MODEL:
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            res = evaluate(self.model, self.test.x, self.test.y)
+            central = {"central_acc": res.accuracy, "central_loss": res.loss}
+        now = time.monotonic()
+        absolute = server_round + self.round_offset
+        record: dict = {"round": absolute, "central_acc": None, **central}
+        if server_round == 0 and self.round_offset > 0:
+            log(
+                INFO,
+                "[resumed at round %d] central accuracy %s",
+                absolute,
+                _fmt(record["central_acc"]),
+            )
+            self.t_last = now
+            return MetricRecord(central)
+        if server_round > 0:
+            record.update(self.round_record(server_round, absolute))
+            record.update(seconds=now - self.t_last, elapsed=now - self.t_start)
+            log(
+                INFO,
+                progress_line(record, self.cfg.federation.num_rounds, absolute - self.round_offset),
+            )
+        else:
+            record.update(seconds=0.0, elapsed=0.0)
+            log(
+                INFO,
+                "[round 0] initial global model: central accuracy %s",
+                _fmt(record["central_acc"]),
+            )
+        self.t_last = now
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "round": absolute,
+                "arrays": arrays.to_torch_state_dict(),
+                "meme": self.cfg.model.meme,
+                "method": self.cfg.train.method,
+            },
+        )
+        self.recorder.add_round(record)
+        return MetricRecord(central)
+
+    def round_record(self, server_round: int, absolute: int) -> dict:
+        """What the strategy saw in ``server_round``: client metrics, drops, settings."""
+        book = self.strategy.round_log(server_round)
+        settings = round_settings(self.cfg.train, absolute)
+        record: dict = {**book.evaluate_metrics}
+        record.update({k: v for k, v in book.train_metrics.items() if k.startswith("train_")})
+        record.pop("num_clients", None)
+        record.update(
+            lr=settings.lr,
+            alpha=settings.alpha,
+            beta=settings.beta,
+            aggregated=book.aggregated,
+            clients_sampled=book.train_sent,
+            clients_trained=book.train_accepted,
+            clients_evaluated=int(book.evaluate_metrics.get("num_clients", 0)),
+            replies_dropped=len(book.train_dropped) + len(book.evaluate_dropped),
+            replies_missing=max(book.train_sent - book.train_replies, 0),
+            dropped_reasons=book.train_dropped + book.evaluate_dropped,
+            clients={str(k): v for k, v in sorted(book.clients.items())},
+            clients_train={str(k): v for k, v in sorted(book.train_clients.items())},
+        )
+        return record

@@ -1,0 +1,144 @@
+"""Faults in a real Flower simulation (in-process), and resuming a run from its checkpoint.
+
+Flower ClientApp *mods* inject the faults around the project's own train/evaluate
+functions: node 1 raises in every training round, node 2 replies with NaN weights. The
+run must finish, count both drops per round, and average only the healthy replies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from client_app.app import evaluate_models, train
+from fml_flower.checkpoint import load_checkpoint
+from fml_flower.config import load_config
+from server_app.app import run_fml
+
+BASE = {
+    "model.meme": "mlp",
+    "model.local": "mlp",
+    "federation.min_nodes": 4,
+    "train.lr_decay_every": 2,
+    "output.plot": False,
+}
+
+
+def _fault_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    # run_simulation passes an empty run-config, and Flower forbids changing it: hand the
+    # app a context with this test's config that shares the node's state.
+    context = Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config={"experiment": "base", **BASE},
+    )
+    pid = int(context.node_config["partition-id"])
+    is_train = msg.metadata.message_type == MessageType.TRAIN
+    if is_train and pid == 1:
+        raise RuntimeError("injected crash on partition 1")
+    reply = call_next(msg, context)
+    if is_train and pid == 2:
+        arrays = reply.content["arrays"]
+        poisoned = {
+            k: Array(
+                np.full(v.shape, np.nan, dtype=v.numpy().dtype)
+                if np.issubdtype(v.numpy().dtype, np.floating)
+                else v.numpy()
+            )
+            for k, v in arrays.items()
+        }
+        reply.content["arrays"] = ArrayRecord(poisoned)
+    return reply
+
+
+def _client_app() -> ClientApp:
+    app = ClientApp(mods=[_fault_mod])
+    app.train()(train)
+    app.evaluate()(evaluate_models)
+    return app
+
+
+def _server_app(overrides: dict) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_fml(grid, load_config("base", {**BASE, **overrides}))
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    run_simulation(
+        _server_app(
+            {"federation.num_rounds": 2, "output.dir": str(out), "output.run_name": "faulty"}
+        ),
+        _client_app(),
+        num_supernodes=4,
+        backend_config={"client_resources": {"num_cpus": 1}},
+    )
+    return out / "faulty"
+
+
+@pytest.mark.simulation
+def test_crash_and_nan_nodes_are_dropped_and_counted(faulty_run: Path) -> None:
+    metrics = json.loads((faulty_run / "metrics.json").read_text())
+    assert "finished" in metrics["run"]
+    rounds = [r for r in metrics["rounds"] if r["round"] > 0]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["clients_sampled"] == 4
+        assert r["clients_trained"] == 2
+        assert r["replies_dropped"] == 2
+        reasons = " ".join(r["dropped_reasons"])
+        assert "injected crash on partition 1" in reasons and "NaN" in reasons
+        assert r["aggregated"] is True
+        assert np.isfinite(r["central_acc"])  # the NaN reply never reached the average
+        assert set(r["clients_train"]) == {"0", "3"}
+    ckpt = load_checkpoint(faulty_run / "checkpoint.ckpt")
+    assert ckpt["round"] == 2
+    assert all(np.isfinite(v.numpy()).all() for v in ckpt["arrays"].values())
+
+
+@pytest.mark.simulation
+def test_resume_continues_from_the_checkpoint(faulty_run: Path, tmp_path: Path) -> None:
+    run_simulation(
+        _server_app(
+            {
+                "federation.num_rounds": 3,
+                "output.dir": str(tmp_path),
+                "output.run_name": "resumed",
+                "federation.resume_from": str(faulty_run),
+            }
+        ),
+        _client_app(),
+        num_supernodes=4,
+        backend_config={"client_resources": {"num_cpus": 1}},
+    )
+    before = json.loads((faulty_run / "metrics.json").read_text())["rounds"]
+    after = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert after["run"]["resumed_from"] == str(faulty_run.resolve())
+    assert [r["round"] for r in after["rounds"]] == [0, 1, 2, 3]
+    assert after["rounds"][:3] == before
+    assert after["rounds"][3]["lr"] == pytest.approx(0.001)  # the decay schedule went on
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.ckpt")["round"] == 3
+
+
+def test_resume_errors_are_named(tmp_path: Path) -> None:
+    from fml_flower.config import ConfigError
+    from server_app.app import resume_point
+
+    with pytest.raises(ConfigError, match=r"no checkpoint\.ckpt in"):
+        resume_point(load_config("base", {"federation.resume_from": str(tmp_path)}))
