@@ -1,0 +1,1 @@
+"""Example Flower app: Federated Mutual Learning (fml-flower) on tabular data."""
