@@ -19,7 +19,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fml_flower.models import is_known_model
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def _conf_dir() -> Path:
+    """``conf/`` of the source tree or app bundle, else the copy installed in the wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):
+        if (candidate / "base.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no conf/base.yaml next to {here}: the installation is incomplete")
+
+
+CONF_DIR = _conf_dir()
 
 SOURCES = ("embedded", "local", "huggingface")
 EMBEDDED_DATASETS = ("mnist5k",)
