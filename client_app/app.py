@@ -24,6 +24,7 @@ from client_app.methods import (
     global_model,
     load_body,
     personal_arch,
+    personal_identity,
 )
 from client_app.state import has_personal_model, load_personal, restore_from_disk
 from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to_yaml, validate
@@ -104,6 +105,7 @@ def round_input(msg: Message, context: Context) -> RoundInput:
         cfg,
         context,
         pid,
+        n,
         data,
         info,
         msg.content["arrays"],
@@ -111,7 +113,9 @@ def round_input(msg: Message, context: Context) -> RoundInput:
         state_dir=state_dir_of(context),
     )
     if inp.state_dir is not None and not has_personal_model(context):
-        restored = restore_from_disk(context, inp.state_dir, pid, personal_arch(cfg, pid))
+        restored = restore_from_disk(
+            context, inp.state_dir, pid, personal_arch(cfg, pid), personal_identity(cfg, n)
+        )
         inp.notes["personal_restored_from_disk"] = float(restored)
     return inp
 

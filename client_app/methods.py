@@ -34,6 +34,8 @@ class RoundInput:
     cfg: FMLConfig
     context: Context
     pid: int
+    n: int
+    """Number of partitions (clients) the data is split into."""
     data: ClientData
     info: DatasetInfo
     arrays: ArrayRecord
@@ -76,6 +78,17 @@ def seed_for(cfg: FMLConfig, pid: int, server_round: int = 0) -> int:
     return cfg.seed + 7919 * (pid + 1) + 104729 * server_round
 
 
+def personal_identity(cfg: FMLConfig, num_partitions: int) -> dict[str, str]:
+    """What a saved personalized model must share with the run that restores it."""
+    d = cfg.data
+    split = (
+        f"{d.source}:{d.name}:{d.partitioner}:classes={d.classes_per_client}:"
+        f"dirichlet={d.dirichlet_alpha}:test={d.test_fraction}:seed={d.seed}:"
+        f"clients={num_partitions}"
+    )
+    return {"method": cfg.train.method, "data split": split}
+
+
 def local_arch(cfg: FMLConfig, pid: int) -> str:
     """The personalized model's architecture of client ``pid``."""
     return cfg.model.local_per_client.get(pid, cfg.model.local)
@@ -97,17 +110,26 @@ def global_model(inp: RoundInput) -> nn.Module:
     return model.to(inp.device)
 
 
-def restore_personal(inp: RoundInput) -> tuple[nn.Module, torch.optim.SGD]:
-    """The personalized model and its optimizer: restored, or created on first use."""
+def restore_personal(
+    inp: RoundInput, keep_optimizer_state: bool = True, init_from_global: bool = False
+) -> tuple[nn.Module, torch.optim.SGD]:
+    """The personalized model and its optimizer: restored, or created on first use.
+
+    ``keep_optimizer_state=False`` gives a fresh optimizer (FedPer, whose body is replaced
+    by the global one every round); ``init_from_global`` starts a new personal model from
+    the received global weights (Ditto) instead of the client's own initialization.
+    """
     arch = personal_arch(inp.cfg, inp.pid)
     model = build_model(
         arch, inp.info.input_shape, inp.info.num_classes, seed=seed_for(inp.cfg, inp.pid)
     ).to(inp.device)
     opt = inp.optimizer(model)
     if has_personal_model(inp.context):
-        load_personal(inp.context, model, opt, arch)
+        load_personal(inp.context, model, opt if keep_optimizer_state else None, arch)
         for group in opt.param_groups:
             group["lr"] = inp.lr
+    elif init_from_global:
+        model.load_state_dict(inp.arrays.to_torch_state_dict())
     inp.notes["personal_fingerprint_start"] = fingerprint(model)
     return model, opt
 
@@ -122,7 +144,7 @@ def store_personal(inp: RoundInput, model: nn.Module, opt: torch.optim.Optimizer
     """Keep the personalized model in ``context.state`` and, with a state dir, on disk."""
     save_personal(inp.context, model, opt, personal_arch(inp.cfg, inp.pid))
     if inp.state_dir is not None:
-        persist_personal(inp.context, inp.state_dir, inp.pid)
+        persist_personal(inp.context, inp.state_dir, inp.pid, personal_identity(inp.cfg, inp.n))
 
 
 def train_fml(inp: RoundInput) -> TrainResult:
@@ -171,7 +193,7 @@ def train_ditto(inp: RoundInput) -> TrainResult:
     model = global_model(inp)
     anchor = [p.detach().clone() for p in model.parameters()]
     opt = inp.optimizer(model)
-    personal, opt_personal = restore_personal(inp)
+    personal, opt_personal = restore_personal(inp, init_from_global=True)
     lam = float(inp.config["ditto-lambda"])
     gen = inp.generator()
     g_stats, p_stats = EpochStats(), EpochStats()
@@ -197,7 +219,7 @@ def train_ditto(inp: RoundInput) -> TrainResult:
 def train_fedper(inp: RoundInput) -> TrainResult:
     """The received body with this client's own head; only the body goes back."""
     t = inp.cfg.train
-    model, opt = restore_personal(inp)
+    model, opt = restore_personal(inp, keep_optimizer_state=False)
     private = set(head_keys(model))
     load_body(model, inp.arrays)
     gen, stats = inp.generator(), EpochStats()

@@ -77,10 +77,17 @@ def personal_file(state_dir: Path, partition_id: int) -> Path:
     return state_dir / f"personal-p{partition_id}.ckpt"
 
 
-def persist_personal(context: Context, state_dir: Path, partition_id: int) -> Path:
-    """Write the personalized model held in ``context.state`` to ``state_dir`` atomically."""
+def persist_personal(
+    context: Context, state_dir: Path, partition_id: int, identity: dict[str, str]
+) -> Path:
+    """Write the personalized model held in ``context.state`` to ``state_dir`` atomically.
+
+    ``identity`` (e.g. the method and the data split) is stored with it and must match
+    when the model is restored.
+    """
     meta = context.state[META_KEY]
     payload = {
+        "identity": dict(identity),
         "model": context.state[MODEL_KEY].to_torch_state_dict(),
         "optimizer": context.state[OPTIMIZER_KEY]["state"]
         if OPTIMIZER_KEY in context.state
@@ -94,12 +101,14 @@ def persist_personal(context: Context, state_dir: Path, partition_id: int) -> Pa
     return path
 
 
-def restore_from_disk(context: Context, state_dir: Path, partition_id: int, arch: str) -> bool:
+def restore_from_disk(
+    context: Context, state_dir: Path, partition_id: int, arch: str, identity: dict[str, str]
+) -> bool:
     """Put the personalized model saved in ``state_dir`` into an empty ``context.state``.
 
     Returns False when there is no file (a client's first round ever). A corrupt file,
-    or one saved for another partition or architecture, raises instead of letting the
-    client start afresh.
+    or one saved for another partition, architecture or run identity (method, data split),
+    raises instead of letting the client start afresh or mix runs.
     """
     path = personal_file(state_dir, partition_id)
     if not path.exists():
@@ -115,6 +124,14 @@ def restore_from_disk(context: Context, state_dir: Path, partition_id: int, arch
             f"{path}: holds a '{payload.get('arch')}' personalized model, this client is "
             f"configured for '{arch}'; refusing to replace it"
         )
+    saved = payload.get("identity", {})
+    for key, value in identity.items():
+        if saved.get(key) != value:
+            raise CheckpointError(
+                f"{path}: saved by a run with {key} '{saved.get(key)}', this run has "
+                f"'{value}'; refusing to mix them (give this run another state-dir to start "
+                "fresh personalized models)"
+            )
     context.state[MODEL_KEY] = ArrayRecord(payload["model"])
     if payload["optimizer"]:
         context.state[OPTIMIZER_KEY] = ConfigRecord({"state": payload["optimizer"]})

@@ -238,12 +238,12 @@ def _plot(sweep_dir: Path, names: list[str]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name in names:
         rounds = json.loads((sweep_dir / name / "metrics.json").read_text())["rounds"]
-        trained = [r for r in rounds if r["round"] > 0]
-        xs = [r["round"] for r in trained]
-        if trained and trained[0].get("personal_acc") is not None:
-            axes[0].plot(xs, [r["personal_acc"] for r in trained], label=name)
-        if trained and trained[0].get("global_acc") is not None:
-            axes[1].plot(xs, [r["global_acc"] for r in trained], label=name)
+        for ax, key in zip(axes, ("personal_acc", "global_acc"), strict=True):
+            pts = [
+                (r["round"], r[key]) for r in rounds if r["round"] > 0 and r.get(key) is not None
+            ]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
     for ax, title in zip(
         axes, ("personalized (own test)", "global model (clients' test)"), strict=True
     ):

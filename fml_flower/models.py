@@ -163,9 +163,12 @@ def build_model(
             "classification model name (torchvision.models.list_models())"
         )
     factory = BUILTIN_MODELS.get(name) or torchvision_model(name)
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = factory(input_shape, num_classes)
+    if seed is None:
+        model = factory(input_shape, num_classes)
+    else:
+        with torch.random.fork_rng(devices=[]):  # seeding must not reset the caller's RNG
+            torch.manual_seed(seed)
+            model = factory(input_shape, num_classes)
     model.eval()
     try:
         with torch.no_grad():

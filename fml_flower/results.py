@@ -124,18 +124,25 @@ def plot_run(run_dir: Path) -> list[Path]:
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [r["round"] for r in trained]
-    if trained and "personal_acc" in trained[0]:
-        ax.plot(xs, [r["personal_acc"] for r in trained], "o-", label="personalized (own test)")
+    personal = [r for r in trained if r.get("personal_acc") is not None]
+    if personal:
+        px = [r["round"] for r in personal]
+        ax.plot(px, [r["personal_acc"] for r in personal], "o-", label="personalized (own test)")
         ax.fill_between(
-            xs,
-            [r["personal_acc_min"] for r in trained],
-            [r["personal_acc_max"] for r in trained],
+            px,
+            [r["personal_acc_min"] for r in personal],
+            [r["personal_acc_max"] for r in personal],
             alpha=0.15,
             label="personalized min-max over clients",
         )
-    if trained and "global_acc" in trained[0]:
-        ax.plot(xs, [r["global_acc"] for r in trained], "s-", label="global (clients' test)")
+    global_ = [r for r in trained if r.get("global_acc") is not None]
+    if global_:
+        ax.plot(
+            [r["round"] for r in global_],
+            [r["global_acc"] for r in global_],
+            "s-",
+            label="global (clients' test)",
+        )
     central = [r for r in rounds if r.get("central_acc") is not None]
     ax.plot(
         [r["round"] for r in central],

@@ -121,7 +121,9 @@ def mutual_learning_epoch(
     ``update="simultaneous"`` (the FML reference): both models see the same batch, both
     losses use the partner's logits from before the step, both optimizers step.
     ``update="sequential"`` (the original DML): the local model steps first, then the
-    meme learns from the updated local model's predictions on the same batch.
+    meme learns from the updated local model's predictions on the same batch (that second
+    forward pass runs in train mode, so BatchNorm statistics of the local model move twice
+    per batch, as in DML implementations).
     """
     if update not in UPDATE_MODES:
         raise ValueError(f"update must be one of {UPDATE_MODES}, got '{update}'")

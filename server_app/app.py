@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,6 +85,7 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     results folder is created and before any client trains.
     """
     t0 = time.monotonic()
+    random.seed(cfg.seed)  # Flower samples nodes with the random module: make it reproducible
     resume = resume_point(cfg)
     num_nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.round_timeout)
     data = federated_data(cfg.data, num_nodes)
@@ -91,7 +93,14 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     meme = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes, seed=cfg.seed)
     offset = 0
     if resume is not None:
-        meme.load_state_dict(resume.arrays)
+        result = meme.load_state_dict(resume.arrays, strict=False)
+        private = set(head_keys(meme)) if cfg.train.method == "fedper" else set()
+        if set(result.missing_keys) - private or result.unexpected_keys:
+            raise ConfigError(
+                f"federation.resume_from: the checkpoint does not fit model.meme "
+                f"'{cfg.model.meme}' (missing {result.missing_keys}, unexpected "
+                f"{result.unexpected_keys})"
+            )
         offset = resume.round
     run_dir = run_dir_for(cfg)
     recorder = RunRecorder(
@@ -132,7 +141,9 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         timeout=cfg.federation.round_timeout,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
-        evaluate_fn=CentralEvaluation(cfg, data, strategy, recorder, round_offset=offset),
+        evaluate_fn=CentralEvaluation(
+            cfg, data, strategy, recorder, round_offset=offset, resumed=resume is not None
+        ),
     )
     recorder.finish(
         finished=datetime.now().isoformat(timespec="seconds"), seconds=time.monotonic() - t0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from fml_flower.config import FMLConfig
 from fml_flower.schedule import round_settings
 from strategies.baselines import Ditto, FedAvgBaseline, FedPer, FedProx, LocalOnly
@@ -27,8 +29,12 @@ def make_strategy(cfg: FMLConfig, private_keys: list[str], round_offset: int = 0
         round_config_fn=round_config,
         fraction_train=f.fraction_train,
         fraction_evaluate=f.fraction_evaluate,
-        min_train_nodes=f.min_nodes,
-        min_evaluate_nodes=f.min_nodes if f.fraction_evaluate > 0 else 0,
+        # Flower samples max(int(N * fraction), min_*_nodes): derive the minimums from the
+        # fractions so that fraction_train < 1 really samples a fraction of the nodes.
+        min_train_nodes=max(1, math.ceil(f.fraction_train * f.min_nodes)),
+        min_evaluate_nodes=max(1, math.ceil(f.fraction_evaluate * f.min_nodes))
+        if f.fraction_evaluate > 0
+        else 0,
         min_available_nodes=f.min_nodes,
         min_replies=f.min_replies,
     )

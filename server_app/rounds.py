@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, MetricRecord
@@ -66,6 +66,7 @@ class CentralEvaluation:
         strategy: RobustFedAvg,
         recorder: RunRecorder,
         round_offset: int = 0,
+        resumed: bool = False,
     ):
         self.cfg = cfg
         device = resolve_device(cfg.train.device)
@@ -73,6 +74,7 @@ class CentralEvaluation:
         self.strategy = strategy
         self.recorder = recorder
         self.round_offset = round_offset
+        self.resumed = resumed
         self.model = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes).to(
             device
         )
@@ -93,7 +95,7 @@ class CentralEvaluation:
         now = time.monotonic()
         absolute = server_round + self.round_offset
         record: dict = {"round": absolute, "central_acc": None, **central}
-        if server_round == 0 and self.round_offset > 0:
+        if server_round == 0 and self.resumed:
             log(
                 INFO,
                 "[resumed at round %d] central accuracy %s",
@@ -117,6 +119,7 @@ class CentralEvaluation:
                 _fmt(record["central_acc"]),
             )
         self.t_last = now
+        self.recorder.add_round(record)  # the record first: a checkpoint never runs ahead
         save_checkpoint(
             self.checkpoint_path,
             {
@@ -126,7 +129,6 @@ class CentralEvaluation:
                 "method": self.cfg.train.method,
             },
         )
-        self.recorder.add_round(record)
         return MetricRecord(central)
 
     def round_record(self, server_round: int, absolute: int) -> dict:
@@ -140,7 +142,7 @@ class CentralEvaluation:
             lr=settings.lr,
             alpha=settings.alpha,
             beta=settings.beta,
-            aggregated=book.aggregated,
+            aggregated=book.aggregated if self.cfg.train.method != "local" else None,
             clients_sampled=book.train_sent,
             clients_trained=book.train_accepted,
             clients_evaluated=int(book.evaluate_metrics.get("num_clients", 0)),
@@ -150,4 +152,22 @@ class CentralEvaluation:
             clients={str(k): v for k, v in sorted(book.clients.items())},
             clients_train={str(k): v for k, v in sorted(book.train_clients.items())},
         )
+        if self.resumed and server_round == 1:
+            self.warn_fresh_personal_models(book.train_clients)
         return record
+
+    def warn_fresh_personal_models(self, train_clients: dict[int, dict[str, float]]) -> None:
+        """After a resume, say which clients could not restore a personalized model."""
+        if self.cfg.train.method in ("fedavg", "fedprox"):
+            return
+        fresh = sorted(
+            c for c, m in train_clients.items() if m.get("personal_restored_from_disk") != 1.0
+        )
+        if fresh:
+            log(
+                WARNING,
+                "resumed run: clients %s started NEW personalized models (no "
+                "state-dir in their node config, or no file in it); only the global model "
+                "was resumed for them",
+                fresh,
+            )

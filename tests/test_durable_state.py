@@ -119,3 +119,10 @@ def test_version_mismatch_is_named(tmp_path: Path) -> None:
     path.write_bytes(header.replace(b'"version": 1', b'"version": 99') + b"\n" + data)
     with pytest.raises(CheckpointError, match="version 99"):
         load_checkpoint(path)
+
+
+def test_saved_model_of_another_method_is_refused(tmp_path: Path) -> None:
+    train(_train_message(1), _context(tmp_path))
+    other = {**RUN_CONFIG, "train.method": "local"}
+    with pytest.raises(CheckpointError, match="saved by a run with method 'fml'"):
+        train(_train_message(2), _context(tmp_path, run_config=other))
