@@ -183,3 +183,29 @@ def plot_run(run_dir: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
+
+
+SUMMARY_METRICS = (
+    ("personal_acc", "personalized (own test)"),
+    ("global_acc", "global (clients' test)"),
+    ("central_acc", "global (central test)"),
+)
+
+
+def summary_table(rounds: list[dict[str, Any]], last_k: int = 3) -> str:
+    """A plain-text table of the final round, the mean of the last ``last_k`` rounds and
+    the best round of every accuracy (final first: "best round" alone flatters).
+    """
+    trained = [r for r in rounds if r["round"] > 0]
+    lines = [f"{'metric':<26}{'final':>8}{f'last-{last_k} mean':>14}{'best (round)':>16}"]
+    for key, label in SUMMARY_METRICS:
+        values = [(r["round"], r[key]) for r in trained if r.get(key) is not None]
+        if not values:
+            continue
+        tail = [v for _, v in values[-last_k:]]
+        best_round, best = max(values, key=lambda rv: rv[1])
+        lines.append(
+            f"{label:<26}{values[-1][1]:>8.4f}{sum(tail) / len(tail):>14.4f}"
+            f"{best:>10.4f} ({best_round})"
+        )
+    return "\n".join(lines)

@@ -18,7 +18,7 @@ from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to_yaml
 from fml_flower.data import federated_data
 from fml_flower.models import build_model, cpu_state_dict, head_keys
-from fml_flower.results import RunRecorder, plot_run
+from fml_flower.results import RunRecorder, plot_run, summary_table
 from server_app.methods import make_strategy
 from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
 
@@ -150,6 +150,8 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     )
     if cfg.output.plot:
         plot_run(run_dir)
+    for line in summary_table(recorder.rounds).splitlines():
+        log(INFO, "  %s", line)
     final = recorder.rounds[-1]
     log(
         INFO,

@@ -1,0 +1,50 @@
+"""The results folder's files and the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fml_flower.results import RunRecorder, plot_run, summary_table
+
+
+def _rounds() -> list[dict]:
+    out = [{"round": 0, "central_acc": 0.1, "seconds": 0.0}]
+    for r, (p, g) in enumerate([(0.5, 0.2), (0.9, 0.4), (0.8, 0.5)], start=1):
+        out.append(
+            {
+                "round": r,
+                "personal_acc": p,
+                "personal_acc_min": p - 0.1,
+                "personal_acc_max": p + 0.05,
+                "global_acc": g,
+                "central_acc": g,
+                "seconds": 1.0,
+                "clients": {"0": {"personal_acc": p}},
+            }
+        )
+    out.append(
+        {"round": 4, "personal_acc": None, "global_acc": None, "central_acc": 0.6, "seconds": 1.0}
+    )  # a round without client evaluation
+    return out
+
+
+def test_recorder_writes_json_csv_and_plots(tmp_path: Path) -> None:
+    rec = RunRecorder(tmp_path / "run", {"method": "fml"}, "seed: 1\n")
+    for r in _rounds():
+        rec.add_round(r)
+    rec.finish(seconds=3.0)
+    data = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["round"] for r in data["rounds"]] == [0, 1, 2, 3, 4]
+    assert data["run"]["seconds"] == 3.0
+    csv_lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("round,personal_acc") and len(csv_lines) == 6
+    written = plot_run(tmp_path / "run")
+    assert [p.name for p in written] == ["accuracy.png", "clients.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_summary_reports_final_mean_and_best() -> None:
+    table = summary_table(_rounds()[:4])
+    personal = next(line for line in table.splitlines() if line.startswith("personalized"))
+    assert personal.split()[3:] == ["0.8000", "0.7333", "0.9000", "(2)"]
