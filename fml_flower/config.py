@@ -8,6 +8,7 @@ raises :class:`ConfigError` naming the key and what is allowed.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,9 @@ class OutputConfig:
     run_name: str = ""
     """Run folder name; empty = ``<date>-<time>-<experiment>``."""
     plot: bool = True
+    tensorboard: bool = False
+    """Also write every round's scalars as TensorBoard events to ``<run>/tensorboard``
+    (needs the ``tensorboard`` extra: ``pip install -e '.[tensorboard]'``)."""
 
 
 @dataclass
@@ -336,6 +340,11 @@ def validate(cfg: FMLConfig) -> None:
     _check(f.min_nodes >= 1, "federation.min_nodes", "must be >= 1")
     _check(f.round_timeout > 0, "federation.round_timeout", "must be > 0")
     _check(f.min_replies >= 1, "federation.min_replies", "must be >= 1")
+    _check(
+        not cfg.output.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+        "output.tensorboard",
+        "needs the tensorboard package: pip install -e '.[tensorboard]'",
+    )
 
 
 def to_yaml(cfg: FMLConfig) -> str:

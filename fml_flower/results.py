@@ -63,22 +63,44 @@ def write_atomic(path: Path, text: str) -> None:
 class RunRecorder:
     """Collects one record per round and keeps the run folder up to date."""
 
-    def __init__(self, run_dir: Path, run_info: Mapping[str, Any], config_yaml: str):
+    def __init__(
+        self,
+        run_dir: Path,
+        run_info: Mapping[str, Any],
+        config_yaml: str,
+        tensorboard: bool = False,
+    ):
         self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=False)
         self.run_info: dict[str, Any] = dict(run_info)
         self.rounds: list[dict[str, Any]] = []
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         write_atomic(run_dir / "config.yaml", config_yaml)
 
     def add_round(self, record: Mapping[str, Any]) -> None:
         """Append one round's record and rewrite ``metrics.json`` and ``metrics.csv``."""
         self.rounds.append(dict(record))
         self._write()
+        if self.writer is not None:
+            for key, value in record.items():
+                if (
+                    isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                    and key != "round"
+                ):
+                    self.writer.add_scalar(key, value, global_step=int(record["round"]))
+            self.writer.flush()
 
     def finish(self, **info: Any) -> None:
         """Record final run information (e.g. total time) and rewrite the files."""
         self.run_info.update(info)
         self._write()
+        if self.writer is not None:
+            self.writer.close()
 
     def _write(self) -> None:
         payload = {"run": self.run_info, "rounds": self.rounds}

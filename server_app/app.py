@@ -116,6 +116,7 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
             "resumed_from": str(resume.source) if resume else None,
         },
         to_yaml(cfg),
+        tensorboard=cfg.output.tensorboard,
     )
     if resume is not None:
         recorder.rounds.extend(resume.rounds)

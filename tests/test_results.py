@@ -48,3 +48,18 @@ def test_summary_reports_final_mean_and_best() -> None:
     table = summary_table(_rounds()[:4])
     personal = next(line for line in table.splitlines() if line.startswith("personalized"))
     assert personal.split()[3:] == ["0.8000", "0.7333", "0.9000", "(2)"]
+
+
+def test_tensorboard_events_are_written_when_asked(tmp_path: Path) -> None:
+    import pytest
+
+    pytest.importorskip("tensorboard", reason="the optional tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rec = RunRecorder(tmp_path / "run", {}, "", tensorboard=True)
+    for r in _rounds():
+        rec.add_round(r)
+    rec.finish()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("personal_acc")] == pytest.approx([0.5, 0.9, 0.8])
