@@ -1,5 +1,8 @@
 """Start a Flower SuperLink on loopback and run this app through ``flwr run``.
 
+:func:`simulation_superlink` starts a simulation SuperLink; :func:`deployment` a
+deployment-runtime SuperLink with real SuperNodes (see ``docs/deployment.md``).
+
 Used by the tests and scripts (not by the app itself): every process is started and
 stopped by PID, in a private ``FLWR_HOME``, bounded in time. Plain ``subprocess``.
 """
@@ -10,11 +13,13 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
 QUIET_ENV = {
@@ -113,27 +118,29 @@ def run_app(
     flwr_home: Path,
     connection: str,
     run_config: Mapping[str, object],
-    num_supernodes: int,
+    num_supernodes: int | None,
     timeout: float = 900,
 ) -> subprocess.CompletedProcess[str]:
     """``flwr run <app_dir> <connection> --stream`` with the given run-config.
+
+    ``num_supernodes`` (simulation) is passed as ``--federation-config``; give ``None``
+    for a deployment connection, whose SuperLink ignores a federation config (the
+    SuperNodes that are connected take part).
 
     Returns the finished process (stdout holds the streamed log). Note that ``flwr run``
     exits 0 even when the ServerApp fails: check the results, or :func:`run_status`.
     """
     pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    return subprocess.run(
-        [
-            "flwr",
-            "run",
-            str(app_dir),
-            connection,
-            "--stream",
-            "--run-config",
-            pairs,
+    federation = (
+        []
+        if num_supernodes is None
+        else [
             "--federation-config",
             f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
-        ],
+        ]
+    )
+    return subprocess.run(
+        ["flwr", "run", str(app_dir), connection, "--stream", "--run-config", pairs, *federation],
         env=env_for(flwr_home),
         capture_output=True,
         text=True,
@@ -153,3 +160,281 @@ def run_status(flwr_home: Path, connection: str) -> list[dict]:
         check=True,
     )
     return json.loads(out.stdout).get("runs", [])
+
+
+# --------------------------------------------------------------------- deployment runtime
+
+
+def _processes() -> dict[int, tuple[int, int, int, list[str]]]:
+    """Live processes: PID -> (parent PID, session ID, start time, argv) (Linux ``/proc``)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            argv = (stat.parent / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[3]), int(fields[19]), argv)
+    return table
+
+
+def _flower_family(pid: int) -> set[tuple[int, int]]:
+    """The Flower processes that ``pid`` started, directly or not, alive now.
+
+    A process belongs if its parent, its session or its ``--parent-pid`` argument is
+    ``pid`` or another member (orphans keep the last two), and it is a Flower program.
+    Returns ``(PID, start time)`` pairs, so that a reused PID is never taken for one.
+    """
+    table = _processes()
+    found: set[tuple[int, int]] = set()
+    todo = [pid]
+    while todo:
+        head = todo.pop()
+        for other, (ppid, sid, started, argv) in table.items():
+            if (other, started) in found or other == pid:
+                continue
+            flower = any(Path(a).name.startswith(("flwr", "flower")) for a in argv[:2])
+            by_arg = any(a == "--parent-pid" and b == str(head) for a, b in pairwise(argv))
+            if flower and (ppid == head or sid == head or by_arg):
+                found.add((other, started))
+                todo.append(other)
+    return found
+
+
+def _still_alive(family: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    table = _processes()
+    return {(pid, started) for pid, started in family if table.get(pid, (0, 0, -1))[2] == started}
+
+
+def stop_tree(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """:func:`stop_process`, then also the Flower processes it left behind, by PID.
+
+    Flower's SuperLink starts ``flower-superexec`` in a session of its own, and a
+    SuperNode that exits on its own leaves its ``flower-superexec`` behind; they exit
+    when they notice their parent is gone, but not at once. Whatever is still alive after
+    ``timeout`` gets SIGTERM, then SIGKILL.
+    """
+    family = _flower_family(proc.pid)
+    stop_process(proc, timeout)
+    family |= _flower_family(proc.pid)
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        for pid, _ in (family := _still_alive(family)) if sig is not None else ():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while (family := _still_alive(family)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not family:
+            return
+
+
+def node_config_arg(config: Mapping[str, object]) -> str:
+    """A ``--node-config`` value: ``key=value`` pairs, strings double-quoted (TOML).
+
+    ``{"partition-id": 0, "state-dir": "/x"}`` gives ``partition-id=0 state-dir="/x"``.
+    Flower parses each value as TOML, so an unquoted path would be rejected and an
+    unquoted ``true`` would become a bool.
+    """
+    parts = []
+    for key, value in config.items():
+        if isinstance(value, Path):
+            value = str(value)
+        if (isinstance(value, str) and '"' in value) or not key or set(key) & set(' ="'):
+            raise ValueError(f"node config {key}={value!r} cannot be passed on a command line")
+        parts.append(f"{key}={json.dumps(value)}")
+    return " ".join(parts)
+
+
+def _healthy_at(address: str, ca: Path | None) -> bool:
+    scheme, context = "http", None
+    if ca is not None:
+        scheme, context = "https", ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(
+            f"{scheme}://{address}/health", timeout=2, context=context
+        ) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+class Deployment:
+    """A running SuperLink (deployment runtime) and its SuperNodes; see :func:`deployment`.
+
+    ``connection`` names the SuperLink connection in ``flwr_home/config.toml``;
+    ``address`` is the SuperLink's one ``host:port`` (Fleet, Control and Runtime APIs).
+    """
+
+    def __init__(
+        self,
+        flwr_home: Path,
+        cwd: Path,
+        address: str,
+        node_configs: list[dict[str, object]],
+        tls_dir: Path | None,
+        connection: str = "deployment",
+    ) -> None:
+        self.flwr_home, self.cwd, self.address = flwr_home, cwd, address
+        self.node_configs, self.tls_dir, self.connection = node_configs, tls_dir, connection
+        self.nodes: list[subprocess.Popen | None] = [None] * len(node_configs)
+        self.node_ports: list[int] = [free_port() for _ in node_configs]
+        self.superlink: subprocess.Popen | None = None
+
+    @property
+    def ca(self) -> Path | None:
+        """The CA certificate the clients trust (None: insecure)."""
+        return self.tls_dir / "ca.crt" if self.tls_dir is not None else None
+
+    def node_log(self, i: int) -> Path:
+        """SuperNode ``i``'s log file (stdout and stderr, appended across restarts)."""
+        return self.flwr_home / f"supernode-{i}.log"
+
+    def supernode_command(self, i: int) -> list[str]:
+        """The ``flower-supernode`` command line of node ``i``."""
+        cmd = ["flower-supernode", "--superlink", self.address]
+        cmd += ["--root-certificates", str(self.ca)] if self.ca is not None else ["--insecure"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.node_ports[i])]
+        if self.node_configs[i]:
+            cmd += ["--node-config", node_config_arg(self.node_configs[i])]
+        return cmd
+
+    def start_node(self, i: int) -> subprocess.Popen:
+        """Start SuperNode ``i`` (again) with its node config; it connects on its own."""
+        if (old := self.nodes[i]) is not None and old.poll() is None:
+            raise RuntimeError(f"SuperNode {i} is already running (PID {old.pid})")
+        with open(self.node_log(i), "a") as log:
+            log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {self.supernode_command(i)}\n")
+            log.flush()
+            proc = subprocess.Popen(
+                self.supernode_command(i),
+                cwd=self.cwd,
+                env=env_for(self.flwr_home),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.nodes[i] = proc
+        return proc
+
+    def stop_node(self, i: int, timeout: float = 20) -> int | None:
+        """Stop SuperNode ``i`` (SIGTERM: it deregisters); returns its exit code."""
+        proc = self.nodes[i]
+        if proc is None:
+            return None
+        stop_tree(proc, timeout)
+        return proc.returncode
+
+    def node_ids(self) -> list[int]:
+        """IDs of the SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
+        out = subprocess.run(
+            ["flwr", "supernode", "ls", self.connection, "--format", "json"],
+            env=env_for(self.flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        nodes = json.loads(out.stdout).get("nodes", [])
+        return [int(n["node-id"]) for n in nodes if n.get("status") == "online"]
+
+    def wait_for_nodes(self, n: int, timeout: float = 120) -> list[int]:
+        """Wait until exactly ``n`` SuperNodes are online; returns their IDs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ids = self.node_ids()
+            if len(ids) == n:
+                return ids
+            dead = [i for i, p in enumerate(self.nodes) if p is not None and p.poll() is not None]
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{len(ids)} SuperNode(s) online after {timeout:.0f} s, expected {n}; "
+                    f"exited: {dead}; see {self.flwr_home}/supernode-*.log"
+                )
+            time.sleep(1)
+
+    def close(self) -> None:
+        """Stop every SuperNode, then the SuperLink (each with its descendants)."""
+        try:
+            for i in range(len(self.nodes)):
+                self.stop_node(i)
+        finally:
+            if self.superlink is not None:
+                stop_tree(self.superlink)
+
+
+@contextmanager
+def deployment(
+    flwr_home: Path,
+    cwd: Path,
+    num_nodes: int,
+    node_configs: list[dict[str, object]],
+    tls_dir: Path | None = None,
+    timeout: float = 90,
+) -> Iterator[Deployment]:
+    """A deployment-runtime SuperLink and ``num_nodes`` SuperNodes on loopback.
+
+    Flower 1.42 serves the Fleet, Control and Runtime APIs on one HTTP port
+    (``--host``/``--port``; ``--fleet-api-address`` and ``--control-api-address`` are
+    deprecated): the SuperLink gets a free port, each SuperNode its own free
+    ``--port`` (its ClientApp runtime API) and ``node_configs[i]`` as ``--node-config``.
+    With ``tls_dir`` (from ``scripts/make_certs.sh``: ``ca.crt``, ``server.pem``,
+    ``server.key``) everything runs over TLS, else ``--insecure``. The connection
+    ``deployment`` is written to ``flwr_home/config.toml``. Nodes are started but not
+    awaited: call :meth:`Deployment.wait_for_nodes`, or let the ServerApp wait
+    (``federation.min_nodes``). Logs: ``flwr_home/superlink.log``, ``supernode-<i>.log``.
+    """
+    if len(node_configs) != num_nodes:
+        raise ValueError(f"{len(node_configs)} node configs for {num_nodes} nodes")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    dep = Deployment(flwr_home, cwd, f"127.0.0.1:{port}", node_configs, tls_dir)
+    security = f"root-certificates = {json.dumps(str(dep.ca))}" if dep.ca else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{dep.connection}"\n\n'
+        f'[superlink.{dep.connection}]\naddress = "{dep.address}"\n{security}\n'
+    )
+    if tls_dir is not None:
+        tls = [
+            "--ssl-ca-certfile",
+            str(tls_dir / "ca.crt"),
+            "--ssl-certfile",
+            str(tls_dir / "server.pem"),
+            "--ssl-keyfile",
+            str(tls_dir / "server.key"),
+        ]
+    else:
+        tls = ["--insecure"]
+    log = open(flwr_home / "superlink.log", "w")
+    try:
+        dep.superlink = subprocess.Popen(
+            [
+                "flower-superlink",
+                *tls,
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                str(flwr_home / "state.db"),
+            ],
+            cwd=cwd,
+            env=env_for(flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while not _healthy_at(dep.address, dep.ca):
+            if dep.superlink.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not start; see {log.name}")
+            time.sleep(0.3)
+        for i in range(num_nodes):
+            dep.start_node(i)
+        yield dep
+    finally:
+        dep.close()
+        log.close()

@@ -1,0 +1,187 @@
+"""FML through Flower's deployment runtime: a real SuperLink and SuperNodes on loopback.
+
+Slow (each message runs in a fresh ``flwr-clientapp`` process): about 6 minutes on 2
+busy cores. Run only these with ``pytest -m deployment``.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from fml_flower.checkpoint import load_checkpoint
+from fml_flower.launch import (
+    deployment,
+    env_for,
+    free_port,
+    node_config_arg,
+    run_app,
+    run_status,
+    stop_tree,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+MAKE_CERTS = ROOT / "scripts" / "make_certs.sh"
+
+
+def node_configs(tmp_path: Path, n: int) -> list[dict[str, object]]:
+    return [
+        {"partition-id": i, "num-partitions": n, "state-dir": str(tmp_path / f"node{i}")}
+        for i in range(n)
+    ]
+
+
+def run_config(out: Path, name: str, rounds: int, nodes: int) -> dict[str, object]:
+    return {
+        "federation.num_rounds": rounds,
+        "federation.min_nodes": nodes,
+        "federation.round_timeout": 300,
+        "model.meme": "mlp",
+        "model.local": "mlp",
+        "output.dir": str(out),
+        "output.run_name": name,
+    }
+
+
+def finished_rounds(
+    proc: subprocess.CompletedProcess[str], run_dir: Path, status: list[dict]
+) -> list[dict]:
+    """The rounds of a run that must have completed; fails with the log otherwise."""
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert status and status[-1]["status"] == "finished:completed", (status, log[-3000:])
+    assert (run_dir / "metrics.json").is_file(), log[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())["rounds"]
+
+
+def make_certs(out: Path) -> Path:
+    subprocess.run(["bash", str(MAKE_CERTS), str(out)], check=True, capture_output=True, timeout=60)
+    return out
+
+
+def test_node_config_arg_is_what_flower_parses(tmp_path: Path) -> None:
+    config = {
+        "partition-id": 2,
+        "num-partitions": 3,
+        "state-dir": str(tmp_path / "a dir" / "node2"),
+        "data-root": "C:\\data\\ü",
+        "flag": True,
+    }
+    arg = node_config_arg(config)
+    assert 'state-dir="' in arg and "partition-id=2 " in arg
+    assert parse_config_args([arg]) == config
+    with pytest.raises(ValueError):
+        node_config_arg({"state-dir": 'say "hi"'})
+
+
+@pytest.mark.deployment
+def test_insecure_deployment_runs_and_survives_a_supernode_restart(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    configs = node_configs(tmp_path, 3)
+    with deployment(tmp_path / "flwr", tmp_path, 3, configs) as dep:
+        config_toml = (dep.flwr_home / "config.toml").read_text()
+        assert f'address = "{dep.address}"' in config_toml and "insecure = true" in config_toml
+        assert len(dep.wait_for_nodes(3, timeout=120)) == 3
+
+        proc = run_app(ROOT, dep.flwr_home, dep.connection, run_config(out, "dep1", 2, 3), None)
+        rounds = finished_rounds(proc, out / "dep1", run_status(dep.flwr_home, dep.connection))
+        assert [r["round"] for r in rounds] == [0, 1, 2]
+        assert all(r["clients_trained"] == 3 for r in rounds[1:])
+        assert rounds[-1]["replies_dropped"] == 0
+        assert set(rounds[-1]["clients"]) == {"0", "1", "2"}
+        assert "[round 2/2]" in proc.stdout
+        for i in range(3):
+            saved = load_checkpoint(tmp_path / f"node{i}" / f"personal-p{i}.ckpt")
+            assert (saved["partition_id"], saved["rounds_trained"]) == (i, 2)
+
+        # Restart SuperNode 1: it deregisters, comes back with a new node ID and the same
+        # node config, and finds its personalized model on disk.
+        before = set(dep.wait_for_nodes(3, timeout=60))
+        assert dep.stop_node(1) == 0
+        assert dep.nodes[1] is not None and dep.nodes[1].poll() is not None
+        dep.start_node(1)
+        after = set(dep.wait_for_nodes(3, timeout=120))
+        assert len(after - before) == 1 and len(before - after) == 1
+
+        proc = run_app(ROOT, dep.flwr_home, dep.connection, run_config(out, "dep2", 1, 3), None)
+        rounds = finished_rounds(proc, out / "dep2", run_status(dep.flwr_home, dep.connection))
+        assert [r["round"] for r in rounds] == [0, 1]
+        assert rounds[1]["clients_trained"] == 3 and rounds[1]["replies_dropped"] == 0
+        assert "personal_restored_from_disk': 1.0" in proc.stdout, proc.stdout[-3000:]
+        node1_log = dep.node_log(1).read_text()
+    assert node1_log.count("=== start") == 2
+    assert "Sending: train message" in node1_log.rsplit("=== start", 1)[1]  # the new process
+    # 2 rounds in dep1 + 1 in dep2: the restarted node continued from the saved model.
+    for i in range(3):
+        saved = load_checkpoint(tmp_path / f"node{i}" / f"personal-p{i}.ckpt")
+        assert (saved["partition_id"], saved["arch"], saved["rounds_trained"]) == (i, "mlp", 3)
+
+
+@pytest.mark.deployment
+def test_tls_deployment_runs_one_round(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    out = tmp_path / "out"
+    with deployment(tmp_path / "flwr", tmp_path, 2, node_configs(tmp_path, 2), certs) as dep:
+        config_toml = (dep.flwr_home / "config.toml").read_text()
+        assert f'root-certificates = "{certs / "ca.crt"}"' in config_toml
+        assert "insecure" not in config_toml
+        # The SuperLink speaks HTTPS only, with the certificate made for 127.0.0.1.
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        with urllib.request.urlopen(f"https://{dep.address}/health", context=context) as r:
+            assert r.status == 200
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://{dep.address}/health", timeout=5).close()
+        for i in range(2):
+            cmd = dep.supernode_command(i)
+            assert "--insecure" not in cmd and str(certs / "ca.crt") in cmd
+
+        proc = run_app(ROOT, dep.flwr_home, dep.connection, run_config(out, "tls", 1, 2), None)
+        rounds = finished_rounds(proc, out / "tls", run_status(dep.flwr_home, dep.connection))
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[1]["clients_trained"] == 2 and rounds[1]["replies_dropped"] == 0
+
+
+@pytest.mark.deployment
+def test_supernode_with_a_foreign_ca_fails_to_connect(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    foreign = make_certs(tmp_path / "foreign")
+    log_path = tmp_path / "foreign-node.log"
+    with deployment(tmp_path / "flwr", tmp_path, 0, [], certs) as dep, log_path.open("w") as log:
+        cmd = [
+            "flower-supernode",
+            "--superlink",
+            dep.address,
+            "--root-certificates",
+            str(foreign / "ca.crt"),
+            "--port",
+            str(free_port()),
+            "--max-retries",
+            "1",
+            "--max-wait-time",
+            "5",
+        ]
+        start = time.monotonic()
+        node = subprocess.Popen(
+            cmd,
+            env=env_for(dep.flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            returncode = node.wait(timeout=90)
+        finally:
+            stop_tree(node)
+        seconds = time.monotonic() - start
+        assert dep.node_ids() == []
+    text = log_path.read_text()
+    assert returncode != 0, text
+    assert "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower(), text
+    assert seconds < 90
