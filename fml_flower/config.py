@@ -242,7 +242,11 @@ def load_config(
     for key, value in (overrides or {}).items():
         if key not in config_keys():
             raise ConfigError(f"{key}: unknown configuration key; known keys: {config_keys()}")
-        OmegaConf.update(dotlist, key, _coerce_override(key, value, schema), force_add=True)
+        try:
+            OmegaConf.update(dotlist, key, _coerce_override(key, value, schema), force_add=True)
+            OmegaConf.merge(schema, dotlist)
+        except (OmegaConfBaseException, TypeError, ValueError) as err:
+            raise ConfigError(f"{key}: cannot use {value!r} ({err})") from err
     try:
         merged = OmegaConf.merge(schema, *layers, dotlist)
         merged.experiment = experiment
@@ -250,6 +254,8 @@ def load_config(
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
         raise ConfigError(f"{key}: {err.msg if hasattr(err, 'msg') else err}") from err
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config: {err}") from err
     validate(cfg)
     return cfg
 

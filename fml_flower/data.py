@@ -23,6 +23,7 @@ central test set of the global model.
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -129,12 +130,13 @@ def _read_npz(path: Path) -> RawSplit:
         with np.load(path) as arrays:
             missing = {"x", "y"} - set(arrays.files)
             if missing:
-                raise ValueError(f"{path}: missing arrays {sorted(missing)} (needs 'x' and 'y')")
-            return _check_images(RawSplit(arrays["x"], arrays["y"]), str(path))
-    except (OSError, EOFError, ValueError) as err:
-        if isinstance(err, ValueError) and str(path) in str(err):
-            raise
+                raise KeyError(f"missing arrays {sorted(missing)} (needs 'x' and 'y')")
+            raw = RawSplit(arrays["x"], arrays["y"])
+    except KeyError as err:
+        raise ValueError(f"{path}: {err.args[0]}") from err
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: not a readable .npz archive ({err})") from err
+    return _check_images(raw, str(path))
 
 
 def _decode_image(value: object) -> np.ndarray:

@@ -97,9 +97,12 @@ def test_insecure_deployment_runs_and_survives_a_supernode_restart(tmp_path: Pat
         assert rounds[-1]["replies_dropped"] == 0
         assert set(rounds[-1]["clients"]) == {"0", "1", "2"}
         assert "[round 2/2]" in proc.stdout
+        saved_sum = {}
         for i in range(3):
             saved = load_checkpoint(tmp_path / f"node{i}" / f"personal-p{i}.ckpt")
             assert (saved["partition_id"], saved["rounds_trained"]) == (i, 2)
+            # the mlp has no buffers: its state dict is its parameters
+            saved_sum[i] = sum(v.abs().sum().item() for v in saved["model"].values())
 
         # Restart SuperNode 1: it deregisters, comes back with a new node ID and the same
         # node config, and finds its personalized model on disk.
@@ -115,6 +118,11 @@ def test_insecure_deployment_runs_and_survives_a_supernode_restart(tmp_path: Pat
         assert [r["round"] for r in rounds] == [0, 1]
         assert rounds[1]["clients_trained"] == 3 and rounds[1]["replies_dropped"] == 0
         assert "personal_restored_from_disk': 1.0" in proc.stdout, proc.stdout[-3000:]
+        # every client, the restarted node 1 included, started dep2 from the saved weights
+        for i in range(3):
+            started = rounds[1]["clients_train"][str(i)]
+            assert started["personal_restored_from_disk"] == 1.0
+            assert started["personal_fingerprint_start"] == pytest.approx(saved_sum[i], rel=1e-6)
         node1_log = dep.node_log(1).read_text()
     assert node1_log.count("=== start") == 2
     assert "Sending: train message" in node1_log.rsplit("=== start", 1)[1]  # the new process
