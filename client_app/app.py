@@ -74,15 +74,20 @@ def client_data(cfg: FMLConfig, pid: int, n: int) -> tuple[ClientData, DatasetIn
 
 
 def node_overrides(cfg: FMLConfig, context: Context) -> FMLConfig:
-    """Apply the node config's ``data-root`` (this node's own data folder), if any."""
+    """Apply the node config's ``data-root`` (this node's own data folder) and
+    ``local-model`` (this node's private architecture, never sent anywhere), if given.
+    """
     root = context.node_config.get("data-root")
-    if root in (None, ""):
-        return cfg
-    cfg = replace(cfg, data=replace(cfg.data, source="local", root=str(root)))
-    try:
-        validate(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"node config data-root='{root}': {err}") from err
+    arch = context.node_config.get("local-model")
+    if root not in (None, ""):
+        cfg = replace(cfg, data=replace(cfg.data, source="local", root=str(root)))
+    if arch not in (None, ""):
+        cfg = replace(cfg, model=replace(cfg.model, local=str(arch), local_per_client={}))
+    if (root, arch) != (None, None):
+        try:
+            validate(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"node config {dict(context.node_config)}: {err}") from err
     return cfg
 
 

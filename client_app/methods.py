@@ -90,7 +90,7 @@ def personal_identity(cfg: FMLConfig, num_partitions: int) -> dict[str, str]:
 
 
 def local_arch(cfg: FMLConfig, pid: int) -> str:
-    """The personalized model's architecture of client ``pid``."""
+    """The personalized model's architecture of client ``pid`` (after node overrides)."""
     return cfg.model.local_per_client.get(pid, cfg.model.local)
 
 

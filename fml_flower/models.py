@@ -6,6 +6,7 @@ classes, so the same name works for 1x28x28 MNIST and 3x32x32 CIFAR-10.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -142,8 +143,26 @@ def available_models() -> list[str]:
     return list(BUILTIN_MODELS) + [n for n in tv if n not in BUILTIN_MODELS]
 
 
+def _import_factory(name: str) -> ModelFactory:
+    """``package.module:function`` -> that function (a user's own model factory)."""
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import model factory '{name}': {err}") from err
+    if not callable(factory):
+        raise ValueError(f"model factory '{name}' is not callable")
+    return factory
+
+
 def is_known_model(name: str) -> bool:
-    """Whether :func:`build_model` accepts ``name``."""
+    """Whether :func:`build_model` accepts ``name``.
+
+    ``package.module:function`` names a user's factory ``(input_shape, num_classes) ->
+    nn.Module``; it is accepted here and imported when the model is built.
+    """
+    if ":" in name:
+        return bool(name.partition(":")[0]) and bool(name.partition(":")[2])
     return name in BUILTIN_MODELS or name in torchvision.models.list_models(
         module=torchvision.models
     )
@@ -159,10 +178,14 @@ def build_model(
     """
     if not is_known_model(name):
         raise ValueError(
-            f"unknown model '{name}'; use one of {list(BUILTIN_MODELS)} or a torchvision "
-            "classification model name (torchvision.models.list_models())"
+            f"unknown model '{name}'; use one of {list(BUILTIN_MODELS)}, a torchvision "
+            "classification model name (torchvision.models.list_models()) or your own "
+            "factory as 'package.module:function'"
         )
-    factory = BUILTIN_MODELS.get(name) or torchvision_model(name)
+    if ":" in name:
+        factory = _import_factory(name)
+    else:
+        factory = BUILTIN_MODELS.get(name) or torchvision_model(name)
     if seed is None:
         model = factory(input_shape, num_classes)
     else:

@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client_app.app import evaluate_models, train
 from client_app.state import META_KEY, MODEL_KEY, OPTIMIZER_KEY
+from fml_flower.config import ConfigError
 from fml_flower.models import build_model
 
 RUN_CONFIG = {
@@ -102,3 +103,14 @@ def test_evaluate_reports_both_models_on_the_own_test_part() -> None:
     assert 0 <= metrics["personal_acc"] <= 1 and 0 <= metrics["global_acc"] <= 1
     assert metrics["num-examples"] > 0
     assert list(after.content.array_records) == []
+
+
+def test_node_config_local_model_picks_the_private_architecture() -> None:
+    context = _context()
+    context.node_config = {**context.node_config, "local-model": "cnn"}
+    train(_message(MessageType.TRAIN), context)
+    assert context.state["fml.personal.meta"]["arch"] == "cnn"
+    bad = _context()
+    bad.node_config = {**bad.node_config, "local-model": "nonsense"}
+    with pytest.raises(ConfigError, match="unknown model 'nonsense'"):
+        train(_message(MessageType.TRAIN), bad)

@@ -52,3 +52,16 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def tiny_factory(input_shape: tuple[int, int, int], num_classes: int) -> torch.nn.Module:
+    """A user's own model factory, referenced as 'tests.test_models:tiny_factory'."""
+    c, h, w = input_shape
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c * h * w, num_classes))
+
+
+def test_users_own_factory_by_import_path() -> None:
+    model = build_model("tests.test_models:tiny_factory", (1, 28, 28), 10, seed=1)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"cannot import model factory 'nope\.mod:f'"):
+        build_model("nope.mod:f", (1, 28, 28), 10)
