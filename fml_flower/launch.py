@@ -39,14 +39,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
     """SIGTERM the process group of ``proc``, SIGKILL it if it does not exit in time."""
     if proc.poll() is not None:
@@ -61,6 +53,65 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
         pass
 
 
+def _healthy_at(address: str, ca: Path | None) -> bool:
+    scheme, context = "http", None
+    if ca is not None:
+        scheme, context = "https", ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(
+            f"{scheme}://{address}/health", timeout=2, context=context
+        ) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _write_connection(flwr_home: Path, name: str, address: str, ca: Path | None) -> None:
+    """Make ``name`` the default SuperLink connection in ``flwr_home/config.toml``."""
+    security = f"root-certificates = {json.dumps(str(ca))}" if ca else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
+        f"{security}\n"
+    )
+
+
+def _start_superlink(
+    flwr_home: Path, cwd: Path, port: int, mode_args: list[str], ca: Path | None, timeout: float
+) -> tuple[subprocess.Popen, Path]:
+    """Start ``flower-superlink`` on ``127.0.0.1:port`` and wait until it is healthy.
+
+    ``mode_args`` are ``--insecure``/TLS flags and ``--simulation``. Returns the process
+    (in its own session) and its log file.
+    """
+    log_path = flwr_home / "superlink.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [
+                "flower-superlink",
+                *mode_args,
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                str(flwr_home / "state.db"),
+            ],
+            cwd=cwd,
+            env=env_for(flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while not _healthy_at(f"127.0.0.1:{port}", ca):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            raise RuntimeError(f"flower-superlink did not start; see {log_path}")
+        time.sleep(0.3)
+    return proc, log_path
+
+
 @contextmanager
 def simulation_superlink(
     flwr_home: Path, cwd: Path, timeout: float = 60
@@ -72,40 +123,12 @@ def simulation_superlink(
     """
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
-    )
-    log = open(flwr_home / "superlink.log", "w")
-    proc = subprocess.Popen(
-        [
-            "flower-superlink",
-            "--insecure",
-            "--simulation",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--database",
-            str(flwr_home / "state.db"),
-        ],
-        cwd=cwd,
-        env=env_for(flwr_home),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    _write_connection(flwr_home, "sim", f"127.0.0.1:{port}", None)
+    proc, _ = _start_superlink(flwr_home, cwd, port, ["--insecure", "--simulation"], None, timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while not _healthy(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not start; see {log.name}")
-            time.sleep(0.3)
         yield "sim", proc.pid
     finally:
-        stop_process(proc)
-        log.close()
+        stop_tree(proc)
 
 
 def env_for(flwr_home: Path) -> dict[str, str]:
@@ -248,19 +271,6 @@ def node_config_arg(config: Mapping[str, object]) -> str:
     return " ".join(parts)
 
 
-def _healthy_at(address: str, ca: Path | None) -> bool:
-    scheme, context = "http", None
-    if ca is not None:
-        scheme, context = "https", ssl.create_default_context(cafile=str(ca))
-    try:
-        with urllib.request.urlopen(
-            f"{scheme}://{address}/health", timeout=2, context=context
-        ) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 class Deployment:
     """A running SuperLink (deployment runtime) and its SuperNodes; see :func:`deployment`.
 
@@ -391,11 +401,7 @@ def deployment(
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     dep = Deployment(flwr_home, cwd, f"127.0.0.1:{port}", node_configs, tls_dir)
-    security = f"root-certificates = {json.dumps(str(dep.ca))}" if dep.ca else "insecure = true"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{dep.connection}"\n\n'
-        f'[superlink.{dep.connection}]\naddress = "{dep.address}"\n{security}\n'
-    )
+    _write_connection(flwr_home, dep.connection, dep.address, dep.ca)
     if tls_dir is not None:
         tls = [
             "--ssl-ca-certfile",
@@ -407,34 +413,10 @@ def deployment(
         ]
     else:
         tls = ["--insecure"]
-    log = open(flwr_home / "superlink.log", "w")
     try:
-        dep.superlink = subprocess.Popen(
-            [
-                "flower-superlink",
-                *tls,
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                str(flwr_home / "state.db"),
-            ],
-            cwd=cwd,
-            env=env_for(flwr_home),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while not _healthy_at(dep.address, dep.ca):
-            if dep.superlink.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not start; see {log.name}")
-            time.sleep(0.3)
+        dep.superlink, _ = _start_superlink(flwr_home, cwd, port, tls, dep.ca, timeout)
         for i in range(num_nodes):
             dep.start_node(i)
         yield dep
     finally:
         dep.close()
-        log.close()
