@@ -23,7 +23,7 @@ from client_app.state import (
 )
 from fml_flower.config import FMLConfig
 from fml_flower.data import ClientData, DatasetInfo
-from fml_flower.models import build_model, cpu_state_dict, head_keys
+from fml_flower.models import build_model, cpu_state_dict, head_keys, matching_keys
 from fml_flower.training import EpochStats, mutual_learning_epoch, sgd, supervised_epoch
 
 
@@ -103,11 +103,47 @@ def personal_arch(cfg: FMLConfig, pid: int) -> str:
     return local_arch(cfg, pid)
 
 
+MEME_PRIVATE_KEY = "fml.meme.private"
+"""``context.state`` key of the meme's private part (``model.private_patterns``)."""
+
+
 def global_model(inp: RoundInput) -> nn.Module:
-    """The meme/global architecture loaded with the received arrays."""
-    model = build_model(inp.cfg.model.meme, inp.info.input_shape, inp.info.num_classes)
-    model.load_state_dict(inp.arrays.to_torch_state_dict())
+    """The meme/global architecture loaded with the received arrays.
+
+    With ``model.private_patterns`` (FML only) the server sends the shared part alone: the
+    private part (a task-specific head) comes from this client's state, or a per-client
+    initialization on its first round.
+    """
+    patterns = inp.cfg.model.private_patterns if inp.cfg.train.method == "fml" else []
+    model = build_model(
+        inp.cfg.model.meme,
+        inp.info.input_shape,
+        inp.info.num_classes,
+        seed=seed_for(inp.cfg, inp.pid) + 1 if patterns else None,
+    )
+    if not patterns:
+        model.load_state_dict(inp.arrays.to_torch_state_dict())
+        return model.to(inp.device)
+    load_body(model, inp.arrays)
+    private = set(matching_keys(model, patterns))
+    missing = set(model.state_dict()) - set(inp.arrays.keys()) - private
+    if missing:
+        raise KeyError(f"the server's arrays lack shared meme keys {sorted(missing)}")
+    if MEME_PRIVATE_KEY in inp.context.state:
+        model.load_state_dict(
+            inp.context.state[MEME_PRIVATE_KEY].to_torch_state_dict(), strict=False
+        )
     return model.to(inp.device)
+
+
+def split_private(inp: RoundInput, meme: nn.Module) -> ArrayRecord:
+    """Keep the meme's private part in the client's state; return the shared part."""
+    state = cpu_state_dict(meme)
+    if inp.cfg.train.method != "fml" or not inp.cfg.model.private_patterns:
+        return ArrayRecord(state)
+    private = set(matching_keys(meme, inp.cfg.model.private_patterns))
+    inp.context.state[MEME_PRIVATE_KEY] = ArrayRecord({k: state[k] for k in private})
+    return ArrayRecord({k: v for k, v in state.items() if k not in private})
 
 
 def restore_personal(
@@ -161,7 +197,7 @@ def train_fml(inp: RoundInput) -> TrainResult:
             local, meme, opt_local, opt_meme, x, y, t.batch_size, alpha, beta, t.update, gen, stats
         )
     store_personal(inp, local, opt_local)
-    return ArrayRecord(cpu_state_dict(meme)), stats.means()
+    return split_private(inp, meme), stats.means()
 
 
 def train_fedavg(inp: RoundInput) -> TrainResult:

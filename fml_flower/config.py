@@ -9,6 +9,7 @@ raises :class:`ConfigError` naming the key and what is allowed.
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,10 @@ class ModelConfig:
     local: str = "cnn"
     local_per_client: dict[int, str] = field(default_factory=dict)
     """Partition id -> local architecture, overriding ``local`` for those clients."""
+    private_patterns: list[str] = field(default_factory=list)
+    """FML: regular expressions of meme state-dict keys that stay on each client (a
+    task-specific head, as in the journal version's objective heterogeneity); only the rest
+    of the meme is averaged. Empty = the whole meme is shared."""
 
 
 @dataclass
@@ -315,6 +320,18 @@ def validate(cfg: FMLConfig) -> None:
         "partition ids must be >= 0",
     )
 
+    for pattern in m.private_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(
+                f"model.private_patterns: '{pattern}' is not a regex ({err})"
+            ) from err
+    _check(
+        not m.private_patterns or t.method == "fml",
+        "model.private_patterns",
+        "is supported for train.method=fml (FedPer keeps its head private by itself)",
+    )
     _check_choice(t.method, "train.method", METHODS)
     _check_choice(t.update, "train.update", UPDATES)
     _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")

@@ -7,6 +7,7 @@ classes, so the same name works for 1x28x28 MNIST and 3x32x32 CIFAR-10.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 
 import torch
@@ -233,3 +234,8 @@ def resolve_device(name: str) -> torch.device:
 def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict on the CPU (what goes into records and files)."""
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def matching_keys(model: nn.Module, patterns: list[str]) -> list[str]:
+    """State-dict keys of ``model`` matched by any of the regular expressions ``patterns``."""
+    return [k for k in model.state_dict() if any(re.search(p, k) for p in patterns)]

@@ -17,9 +17,9 @@ from flwr.serverapp import Grid, ServerApp
 from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to_yaml
 from fml_flower.data import federated_data
-from fml_flower.models import build_model, cpu_state_dict, head_keys
+from fml_flower.models import build_model, cpu_state_dict
 from fml_flower.results import RunRecorder, plot_run, summary_table
-from server_app.methods import make_strategy
+from server_app.methods import make_strategy, private_keys_of
 from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
 
 app = ServerApp()
@@ -94,7 +94,7 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     offset = 0
     if resume is not None:
         result = meme.load_state_dict(resume.arrays, strict=False)
-        private = set(head_keys(meme)) if cfg.train.method == "fedper" else set()
+        private = set(private_keys_of(cfg, meme))
         if set(result.missing_keys) - private or result.unexpected_keys:
             raise ConfigError(
                 f"federation.resume_from: the checkpoint does not fit model.meme "
@@ -134,7 +134,7 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         run_dir,
     )
 
-    strategy = make_strategy(cfg, head_keys(meme), round_offset=offset)
+    strategy = make_strategy(cfg, private_keys_of(cfg, meme), round_offset=offset)
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(cpu_state_dict(meme)),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
+from torch import nn
+
 from fml_flower.config import FMLConfig
+from fml_flower.models import head_keys, matching_keys
 from fml_flower.schedule import round_settings
 from strategies.baselines import Ditto, FedAvgBaseline, FedPer, FedProx, LocalOnly
 from strategies.fml import FedMutualLearning
@@ -14,7 +17,8 @@ from strategies.robust import RobustFedAvg
 def make_strategy(cfg: FMLConfig, private_keys: list[str], round_offset: int = 0) -> RobustFedAvg:
     """The strategy of ``train.method``, with this configuration's federation settings.
 
-    ``private_keys`` are the global model's head keys (FedPer keeps them on clients);
+    ``private_keys`` are the meme keys that stay on clients: FedPer's head, or FML's
+    ``model.private_patterns`` matches;
     ``round_offset`` is the number of rounds done before (a resumed run): the learning-rate
     and alpha/beta schedules continue from there.
     """
@@ -39,7 +43,7 @@ def make_strategy(cfg: FMLConfig, private_keys: list[str], round_offset: int = 0
         min_replies=f.min_replies,
     )
     if t.method == "fml":
-        return FedMutualLearning(alpha=t.alpha, beta=t.beta, **common)
+        return FedMutualLearning(alpha=t.alpha, beta=t.beta, private_keys=private_keys, **common)
     if t.method == "fedavg":
         return FedAvgBaseline(**common)
     if t.method == "fedprox":
@@ -55,4 +59,20 @@ def make_strategy(cfg: FMLConfig, private_keys: list[str], round_offset: int = 0
 
 HAS_GLOBAL_MODEL = ("fml", "fedavg", "fedprox", "ditto")
 """Methods whose server holds a complete model to evaluate centrally (FedPer's global
-model has no head, local-only has none)."""
+model has no head, local-only has none), unless FML keeps a private meme head."""
+
+
+def private_keys_of(cfg: FMLConfig, meme: nn.Module) -> list[str]:
+    """The meme keys that never leave the clients under this configuration."""
+    if cfg.train.method == "fedper":
+        return head_keys(meme)
+    if cfg.train.method == "fml":
+        return matching_keys(meme, cfg.model.private_patterns)
+    return []
+
+
+def has_complete_global_model(cfg: FMLConfig) -> bool:
+    """Whether the server can evaluate the global model on the central test set."""
+    return cfg.train.method in HAS_GLOBAL_MODEL and not (
+        cfg.train.method == "fml" and cfg.model.private_patterns
+    )

@@ -16,7 +16,7 @@ from fml_flower.models import build_model, resolve_device
 from fml_flower.results import RunRecorder
 from fml_flower.schedule import round_settings
 from fml_flower.training import evaluate
-from server_app.methods import HAS_GLOBAL_MODEL
+from server_app.methods import has_complete_global_model
 from strategies.robust import RobustFedAvg
 
 CHECKPOINT_NAME = "checkpoint.ckpt"
@@ -88,7 +88,7 @@ class CentralEvaluation:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Central accuracy and loss of ``arrays``; also records and checkpoints the round."""
         central: dict[str, float] = {}
-        if self.cfg.train.method in HAS_GLOBAL_MODEL:
+        if has_complete_global_model(self.cfg):
             self.model.load_state_dict(arrays.to_torch_state_dict())
             res = evaluate(self.model, self.test.x, self.test.y)
             central = {"central_acc": res.accuracy, "central_loss": res.loss}

@@ -89,24 +89,9 @@ class FedPer(RobustFedAvg):
         round_config_fn: RoundConfigFn | None = None,
         **kwargs: object,
     ) -> None:
-        super().__init__(round_config_fn=round_config_fn, **kwargs)
-        self.private_keys = frozenset(private_keys)
-
-    def shared(self, arrays: ArrayRecord) -> ArrayRecord:
-        """``arrays`` without the private keys."""
-        return ArrayRecord({k: v for k, v in arrays.items() if k not in self.private_keys})
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send the body only."""
-        return super().configure_train(server_round, self.shared(arrays), config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send the body only."""
-        return super().configure_evaluate(server_round, self.shared(arrays), config, grid)
+        if not private_keys:
+            raise ValueError("FedPer needs the keys of the private head")
+        super().__init__(round_config_fn=round_config_fn, private_keys=private_keys, **kwargs)
 
 
 class LocalOnly(RobustFedAvg):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -62,6 +62,9 @@ class RobustFedAvg(FedAvg):
     ----------
     round_config_fn : Optional[callable] (default: None)
         ``server_round -> dict`` merged into each round's training ConfigRecord.
+    private_keys : Sequence[str] (default: ())
+        State-dict keys that stay on the clients (a private head): never sent to clients,
+        never expected back. The rest (the shared body) is averaged.
     min_replies : int (default: 1)
         Fewest valid training replies needed to update the global model; with fewer, the
         round keeps the previous global model. Nodes that fail or time out do not stop
@@ -75,9 +78,11 @@ class RobustFedAvg(FedAvg):
         self,
         round_config_fn: RoundConfigFn | None = None,
         min_replies: int = 1,
+        private_keys: Sequence[str] = (),
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.private_keys = frozenset(private_keys)
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         self.round_config_fn = round_config_fn
@@ -92,10 +97,23 @@ class RobustFedAvg(FedAvg):
             round_config.update(self.round_config_fn(server_round))
         return round_config
 
+    def shared(self, arrays: ArrayRecord) -> ArrayRecord:
+        """``arrays`` without the private keys (all of them when there are none)."""
+        if not self.private_keys:
+            return arrays
+        return ArrayRecord({k: v for k, v in arrays.items() if k not in self.private_keys})
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the shared global arrays for client-side evaluation."""
+        return super().configure_evaluate(server_round, self.shared(arrays), config, grid)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the global arrays and this round's config to the sampled nodes."""
+        """Send the shared global arrays and this round's config to the sampled nodes."""
+        arrays = self.shared(arrays)
         self.reference_arrays = arrays
         messages = list(
             super().configure_train(
