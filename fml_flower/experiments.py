@@ -236,14 +236,14 @@ def _plot(sweep_dir: Path, names: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for name in names:
+    for index, name in enumerate(names):  # one colour per run, the same in both panels
         rounds = json.loads((sweep_dir / name / "metrics.json").read_text())["rounds"]
         for ax, key in zip(axes, ("personal_acc", "global_acc"), strict=True):
             pts = [
                 (r["round"], r[key]) for r in rounds if r["round"] > 0 and r.get(key) is not None
             ]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, color=f"C{index}")
     for ax, title in zip(
         axes, ("personalized (own test)", "global model (clients' test)"), strict=True
     ):
