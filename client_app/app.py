@@ -10,6 +10,7 @@ reply with the meme's arrays only and metrics holding ``num-examples``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -28,8 +29,14 @@ from client_app.methods import (
 )
 from client_app.state import has_personal_model, load_personal, restore_from_disk
 from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to_yaml, validate
-from fml_flower.data import ClientData, DatasetInfo, federated_data
 from fml_flower.models import build_model, resolve_device
+from fml_flower.tensors import (
+    ClientData,
+    DatasetInfo,
+    load_partition,
+    partition_cache_file,
+    save_partition,
+)
 from fml_flower.training import evaluate
 
 app = ClientApp()
@@ -62,14 +69,47 @@ def partition_of(context: Context) -> tuple[int, int]:
 _DATA_CACHE: dict[tuple[str, int, int, str], tuple[ClientData, DatasetInfo]] = {}
 
 
-def client_data(cfg: FMLConfig, pid: int, n: int) -> tuple[ClientData, DatasetInfo]:
-    """This client's train/test tensors on its device, loaded once per process."""
+def data_fingerprint(cfg: FMLConfig, pid: int, n: int) -> str:
+    """What a client's partition depends on: the data settings, the partition, and for a
+    local folder the names, sizes and modification times of its files.
+    """
+    d = cfg.data
+    parts = [to_yaml(d), f"partition {pid} of {n}"]  # type: ignore[arg-type]
+    if d.source == "local":
+        folder = Path(d.root).expanduser() / d.name
+        for f in sorted(folder.glob("*")):
+            if f.is_file():
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def client_data(
+    cfg: FMLConfig, pid: int, n: int, cache_dir: Path | None = None
+) -> tuple[ClientData, DatasetInfo]:
+    """This client's train/test tensors on its device.
+
+    Built once per process (kept in memory: simulation workers live for the whole run) and,
+    with a ``cache_dir`` (the node's ``state-dir``), once per node: the ready tensors are
+    written there and read back by later ClientApp processes, which then never import the
+    dataset libraries or re-partition (deployment starts a new process per message).
+    """
     device = resolve_device(cfg.train.device)
     key = (to_yaml(cfg.data), pid, n, str(device))  # type: ignore[arg-type]
     if key not in _DATA_CACHE:
-        data = federated_data(cfg.data, n)
-        part = data.client(pid, n)
-        _DATA_CACHE[key] = (part.to(device), data.info)
+        loaded, path, fingerprint = None, None, ""
+        if cache_dir is not None:
+            fingerprint = data_fingerprint(cfg, pid, n)
+            path = partition_cache_file(cache_dir, fingerprint, pid)
+            loaded = load_partition(path, fingerprint)
+        if loaded is None:
+            from fml_flower.data import federated_data  # the dataset libraries, only here
+
+            data = federated_data(cfg.data, n)
+            loaded = (data.client(pid, n), data.info)
+            if path is not None:
+                save_partition(path, loaded[0], loaded[1], fingerprint)
+        _DATA_CACHE[key] = (loaded[0].to(device), loaded[1])
     return _DATA_CACHE[key]
 
 
@@ -105,7 +145,8 @@ def round_input(msg: Message, context: Context) -> RoundInput:
     """
     cfg = node_overrides(client_config(context), context)
     pid, n = partition_of(context)
-    data, info = client_data(cfg, pid, n)
+    state_dir = state_dir_of(context)
+    data, info = client_data(cfg, pid, n, state_dir)
     inp = RoundInput(
         cfg,
         context,
@@ -115,7 +156,7 @@ def round_input(msg: Message, context: Context) -> RoundInput:
         info,
         msg.content["arrays"],
         msg.content["config"],
-        state_dir=state_dir_of(context),
+        state_dir=state_dir,
     )
     if inp.state_dir is not None and not has_personal_model(context):
         restored = restore_from_disk(
@@ -128,8 +169,11 @@ def round_input(msg: Message, context: Context) -> RoundInput:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of the configured method on this client."""
+    t0 = time.perf_counter()
     inp = round_input(msg, context)
+    t1 = time.perf_counter()
     arrays, metrics = TRAINERS[inp.cfg.train.method](inp)
+    inp.notes.update(setup_seconds=t1 - t0, train_seconds=time.perf_counter() - t1)
     content = RecordDict(
         {
             "metrics": MetricRecord(
@@ -150,6 +194,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_models(msg: Message, context: Context) -> Message:
     """Global and personalized model on this client's own test part."""
+    t0 = time.perf_counter()
     inp = round_input(msg, context)
     cfg, test, method = inp.cfg, inp.data.test, inp.cfg.train.method
     metrics: dict[str, float | int] = {"num-examples": len(test), "partition_id": inp.pid}
@@ -166,4 +211,5 @@ def evaluate_models(msg: Message, context: Context) -> Message:
             load_body(personal, inp.arrays)
         p = evaluate(personal, test.x, test.y)
         metrics.update(personal_acc=p.accuracy, personal_loss=p.loss)
+    metrics["eval_seconds"] = time.perf_counter() - t0
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -22,8 +22,8 @@ from client_app.state import (
     save_personal,
 )
 from fml_flower.config import FMLConfig
-from fml_flower.data import ClientData, DatasetInfo
 from fml_flower.models import build_model, cpu_state_dict, head_keys, matching_keys
+from fml_flower.tensors import ClientData, DatasetInfo
 from fml_flower.training import EpochStats, mutual_learning_epoch, sgd, supervised_epoch
 
 

@@ -137,6 +137,9 @@ class FederationConfig:
     """Wait for at least this many nodes; also the minimum sampled per round."""
     round_timeout: float = 3600.0
     """Seconds to wait for the replies of a round; late nodes count as missing."""
+    poll_interval: float = 0.1
+    """Seconds between the server's checks for replies (Flower 1.42's own grid waits 3 s;
+    see ``server_app/grid.py``)."""
     min_replies: int = 1
     """Fewest valid training replies to update the global model; below it, the round keeps
     the previous global model (and says so in the results)."""
@@ -363,6 +366,7 @@ def validate(cfg: FMLConfig) -> None:
     _check(f.min_nodes >= 1, "federation.min_nodes", "must be >= 1")
     _check(f.round_timeout > 0, "federation.round_timeout", "must be > 0")
     _check(f.min_replies >= 1, "federation.min_replies", "must be >= 1")
+    _check(0 < f.poll_interval <= 60, "federation.poll_interval", "must be in (0, 60] seconds")
     _check(
         not cfg.output.tensorboard or importlib.util.find_spec("tensorboard") is not None,
         "output.tensorboard",

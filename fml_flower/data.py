@@ -41,35 +41,9 @@ from flwr_datasets.partitioner.partitioner import Partitioner
 from PIL import Image
 
 from fml_flower.config import ConfigError, DataConfig
+from fml_flower.tensors import ClientData, DatasetInfo, TensorSplit
 
 EMBEDDED_TEST_FRACTION = 0.2
-
-
-@dataclass(frozen=True)
-class TensorSplit:
-    """Ready-to-train tensors: ``x`` float32 ``(N, C, H, W)`` normalized, ``y`` int64."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def to(self, device: torch.device) -> TensorSplit:
-        """The same split on ``device``."""
-        return TensorSplit(self.x.to(device), self.y.to(device))
-
-
-@dataclass(frozen=True)
-class ClientData:
-    """One client's own train and test parts."""
-
-    train: TensorSplit
-    test: TensorSplit
-
-    def to(self, device: torch.device) -> ClientData:
-        """Both parts on ``device``."""
-        return ClientData(self.train.to(device), self.test.to(device))
 
 
 @dataclass(frozen=True)
@@ -78,16 +52,6 @@ class RawSplit:
 
     x: np.ndarray
     y: np.ndarray
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know about the data."""
-
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 # ----------------------------------------------------------------------------- sources

@@ -32,6 +32,10 @@ QUIET_ENV = {
 }
 
 
+SUPEREXEC_POLL_INTERVAL = 0.1
+"""Seconds between a SuperNode's SuperExec checks for work (Flower's default: 1 s)."""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as sock:
@@ -143,12 +147,15 @@ def run_app(
     run_config: Mapping[str, object],
     num_supernodes: int | None,
     timeout: float = 900,
+    num_cpus: int = 1,
 ) -> subprocess.CompletedProcess[str]:
     """``flwr run <app_dir> <connection> --stream`` with the given run-config.
 
     ``num_supernodes`` (simulation) is passed as ``--federation-config``; give ``None``
     for a deployment connection, whose SuperLink ignores a federation config (the
-    SuperNodes that are connected take part).
+    SuperNodes that are connected take part). ``num_cpus`` is each simulated client's
+    CPU share (``client-resources-num-cpus``): the number of clients trained at once is
+    the machine's cores divided by it.
 
     Returns the finished process (stdout holds the streamed log). Note that ``flwr run``
     exits 0 even when the ServerApp fails: check the results, or :func:`run_status`.
@@ -159,7 +166,7 @@ def run_app(
         if num_supernodes is None
         else [
             "--federation-config",
-            f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}",
         ]
     )
     return subprocess.run(
@@ -286,8 +293,10 @@ class Deployment:
         node_configs: list[dict[str, object]],
         tls_dir: Path | None,
         connection: str = "deployment",
+        superexec_poll_interval: float | None = SUPEREXEC_POLL_INTERVAL,
     ) -> None:
         self.flwr_home, self.cwd, self.address = flwr_home, cwd, address
+        self.superexec_poll_interval = superexec_poll_interval
         self.node_configs, self.tls_dir, self.connection = node_configs, tls_dir, connection
         self.nodes: list[subprocess.Popen | None] = [None] * len(node_configs)
         self.node_ports: list[int] = [free_port() for _ in node_configs]
@@ -318,10 +327,13 @@ class Deployment:
         with open(self.node_log(i), "a") as log:
             log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {self.supernode_command(i)}\n")
             log.flush()
+            env = env_for(self.flwr_home)
+            if self.superexec_poll_interval is not None:
+                env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(self.superexec_poll_interval)
             proc = subprocess.Popen(
                 self.supernode_command(i),
                 cwd=self.cwd,
-                env=env_for(self.flwr_home),
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -383,6 +395,7 @@ def deployment(
     node_configs: list[dict[str, object]],
     tls_dir: Path | None = None,
     timeout: float = 90,
+    superexec_poll_interval: float | None = SUPEREXEC_POLL_INTERVAL,
 ) -> Iterator[Deployment]:
     """A deployment-runtime SuperLink and ``num_nodes`` SuperNodes on loopback.
 
@@ -395,12 +408,22 @@ def deployment(
     ``deployment`` is written to ``flwr_home/config.toml``. Nodes are started but not
     awaited: call :meth:`Deployment.wait_for_nodes`, or let the ServerApp wait
     (``federation.min_nodes``). Logs: ``flwr_home/superlink.log``, ``supernode-<i>.log``.
+    ``superexec_poll_interval`` sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the nodes
+    (how often a node's SuperExec looks for a message to start a ClientApp for; Flower's
+    default is 1 s); None keeps Flower's default.
     """
     if len(node_configs) != num_nodes:
         raise ValueError(f"{len(node_configs)} node configs for {num_nodes} nodes")
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    dep = Deployment(flwr_home, cwd, f"127.0.0.1:{port}", node_configs, tls_dir)
+    dep = Deployment(
+        flwr_home,
+        cwd,
+        f"127.0.0.1:{port}",
+        node_configs,
+        tls_dir,
+        superexec_poll_interval=superexec_poll_interval,
+    )
     _write_connection(flwr_home, dep.connection, dep.address, dep.ca)
     if tls_dir is not None:
         tls = [

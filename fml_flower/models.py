@@ -11,8 +11,10 @@ import re
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
+
+# torchvision is imported where a torchvision model is asked for: it costs about a second
+# of start-up, paid by every ClientApp process in deployment (one per message).
 
 InputShape = tuple[int, int, int]
 ModelFactory = Callable[[InputShape, int], nn.Module]
@@ -112,6 +114,8 @@ class _ToThreeChannels(nn.Module):
 
 def resnet18_cifar(input_shape: InputShape, num_classes: int) -> nn.Module:
     """Torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 conv, no max-pool."""
+    import torchvision
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(input_shape[0], 64, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
@@ -122,6 +126,8 @@ def torchvision_model(name: str) -> ModelFactory:
     """Factory for any torchvision classification model, trained from scratch."""
 
     def build(input_shape: InputShape, num_classes: int) -> nn.Module:
+        import torchvision
+
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         if input_shape[0] == 1:
             return nn.Sequential(_ToThreeChannels(), model)
@@ -140,6 +146,8 @@ BUILTIN_MODELS: dict[str, ModelFactory] = {
 
 def available_models() -> list[str]:
     """Names accepted by :func:`build_model`: built-ins first, then torchvision's."""
+    import torchvision
+
     tv = sorted(torchvision.models.list_models(module=torchvision.models))
     return list(BUILTIN_MODELS) + [n for n in tv if n not in BUILTIN_MODELS]
 
@@ -164,9 +172,11 @@ def is_known_model(name: str) -> bool:
     """
     if ":" in name:
         return bool(name.partition(":")[0]) and bool(name.partition(":")[2])
-    return name in BUILTIN_MODELS or name in torchvision.models.list_models(
-        module=torchvision.models
-    )
+    if name in BUILTIN_MODELS:
+        return True
+    import torchvision
+
+    return name in torchvision.models.list_models(module=torchvision.models)
 
 
 def build_model(

@@ -66,14 +66,18 @@ def batches(
 
 @dataclass
 class EpochStats:
-    """Running sums of one or more training epochs."""
+    """Running sums of one or more training epochs.
+
+    The sums stay on the training device as one tensor and are read once, in
+    :meth:`means`: reading a loss with ``float()`` after every batch would make a GPU wait
+    for each batch to finish before queueing the next one.
+    """
 
     examples: int = 0
-    loss_local: float = 0.0
-    loss_meme: float = 0.0
-    correct_local: int = 0
-    correct_meme: int = 0
+    sums: torch.Tensor | None = None
+    """``[loss_local, loss_meme, correct_local, correct_meme]`` summed over examples."""
 
+    @torch.no_grad()
     def add(
         self,
         n: int,
@@ -85,20 +89,26 @@ class EpochStats:
     ) -> None:
         """Add one batch of ``n`` examples."""
         self.examples += n
-        self.loss_local += float(loss_local) * n
-        self.correct_local += int((local_logits.argmax(1) == labels).sum())
-        if loss_meme is not None and meme_logits is not None:
-            self.loss_meme += float(loss_meme) * n
-            self.correct_meme += int((meme_logits.argmax(1) == labels).sum())
+        zero = loss_local.new_zeros(())
+        row = torch.stack(
+            [
+                loss_local.detach().float() * n,
+                zero if loss_meme is None else loss_meme.detach().float() * n,
+                (local_logits.argmax(1) == labels).sum().float(),
+                zero if meme_logits is None else (meme_logits.argmax(1) == labels).sum().float(),
+            ]
+        )
+        self.sums = row if self.sums is None else self.sums + row
 
     def means(self) -> dict[str, float]:
         """Per-example means of the sums."""
         n = max(self.examples, 1)
+        sums = [0.0] * 4 if self.sums is None else self.sums.tolist()
         return {
-            "train_loss_local": self.loss_local / n,
-            "train_loss_meme": self.loss_meme / n,
-            "train_acc_local": self.correct_local / n,
-            "train_acc_meme": self.correct_meme / n,
+            "train_loss_local": sums[0] / n,
+            "train_loss_meme": sums[1] / n,
+            "train_acc_local": sums[2] / n,
+            "train_acc_meme": sums[3] / n,
         }
 
 

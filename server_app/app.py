@@ -19,6 +19,7 @@ from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to
 from fml_flower.data import federated_data
 from fml_flower.models import build_model, cpu_state_dict
 from fml_flower.results import RunRecorder, plot_run, summary_table
+from server_app.grid import PollingGrid
 from server_app.methods import make_strategy, private_keys_of
 from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
 
@@ -136,7 +137,7 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
 
     strategy = make_strategy(cfg, private_keys_of(cfg, meme), round_offset=offset)
     strategy.start(
-        grid=grid,
+        grid=PollingGrid(grid, cfg.federation.poll_interval),
         initial_arrays=ArrayRecord(cpu_state_dict(meme)),
         num_rounds=cfg.federation.num_rounds - offset,
         timeout=cfg.federation.round_timeout,

@@ -1,0 +1,572 @@
+"""Performance benchmark: FML against the plain-PyTorch floor, and Flower's share of a round.
+
+    python -m fml_flower.bench epoch             # (1)+(2) floor vs our epoch, P1 and CIFAR-10
+    python -m fml_flower.bench sim               # (3) P1 through Flower's simulation engine
+    python -m fml_flower.bench sim100            # (4) 100 clients, 10% sampled per round
+    python -m fml_flower.bench deploy --before <dir>   # (5) loopback deployment, before/after
+    python -m fml_flower.bench all
+
+Each part prints its table, stores its numbers in ``docs/performance/<part>.json`` and
+rewrites the generated section of ``docs/performance.md`` (between the ``bench`` markers)
+from all stored parts, with the date, machine and command of each. Data comes from
+``--data-root`` (default ``$FML_DATA_ROOT`` or ``../shared/data``).
+
+Timings on a shared machine are noisy: the epoch part alternates floor and ours and quotes
+medians and the ratio of medians; the run parts quote medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fml_flower.config import CONF_DIR, FMLConfig, load_config
+from fml_flower.models import build_model, resolve_device
+from fml_flower.training import mutual_learning_epoch, sgd
+
+ROOT = CONF_DIR.parent
+DOC = ROOT / "docs" / "performance.md"
+STORE = ROOT / "docs" / "performance"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine() -> str:
+    """A one-line description of where the numbers were taken."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor() or platform.machine()
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------- (1) and (2): epoch
+
+
+def floor_epoch(
+    local: nn.Module,
+    meme: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    alpha: float,
+    beta: float,
+    lr: float,
+    generator: torch.Generator,
+) -> None:
+    """The floor: a bare PyTorch loop training both models with the FML losses."""
+    opt_l = torch.optim.SGD(local.parameters(), lr=lr)
+    opt_m = torch.optim.SGD(meme.parameters(), lr=lr)
+    local.train()
+    meme.train()
+    order = torch.randperm(len(y), generator=generator).to(y.device)
+    for i in range(0, len(y), batch_size):
+        idx = order[i : i + batch_size]
+        xb, yb = x[idx], y[idx]
+        zl, zm = local(xb), meme(xb)
+        kl_l = F.kl_div(F.log_softmax(zl, 1), F.softmax(zm.detach(), 1), reduction="batchmean")
+        kl_m = F.kl_div(F.log_softmax(zm, 1), F.softmax(zl.detach(), 1), reduction="batchmean")
+        loss_l = alpha * F.cross_entropy(zl, yb) + (1 - alpha) * kl_l
+        loss_m = beta * F.cross_entropy(zm, yb) + (1 - beta) * kl_m
+        opt_l.zero_grad()
+        opt_m.zero_grad()
+        (loss_l + loss_m).backward()
+        opt_l.step()
+        opt_m.step()
+
+
+def our_epoch(
+    local: nn.Module,
+    meme: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    alpha: float,
+    beta: float,
+    lr: float,
+    generator: torch.Generator,
+) -> None:
+    """Our client's code path: :func:`mutual_learning_epoch`, with its metrics read."""
+    stats = mutual_learning_epoch(
+        local,
+        meme,
+        sgd(local, lr, 0.0, 0.0),
+        sgd(meme, lr, 0.0, 0.0),
+        x,
+        y,
+        batch_size,
+        alpha,
+        beta,
+        generator=generator,
+    )
+    stats.means()
+
+
+@dataclass
+class EpochCase:
+    """One (data, models, batch size) setting of the epoch comparison."""
+
+    name: str
+    experiment: str
+    overrides: dict[str, Any]
+    max_samples_cpu: int
+
+
+EPOCH_CASES = [
+    EpochCase("P1 MNIST cnn+cnn, batch 32", "p1", {}, 0),
+    EpochCase("P2 CIFAR-10 cnn+cnn, batch 64", "p2", {}, 2048),
+    EpochCase(
+        "P2 CIFAR-10 resnet18+resnet18, batch 64",
+        "p2",
+        {"model.meme": "resnet18", "model.local": "resnet18"},
+        256,
+    ),
+]
+
+
+def _client0(cfg: FMLConfig, num_clients: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    from fml_flower.data import federated_data
+
+    data = federated_data(cfg.data, num_clients)
+    part = data.client(0, num_clients)
+    return part.train.x, part.train.y, data.info
+
+
+TENSOR_CACHE_CAP = 2048
+"""Samples kept per case in a ``--tensor-cache`` (small enough to carry to a GPU machine)."""
+
+
+def _case_tensors(
+    case: EpochCase, cfg: FMLConfig, tensor_cache: Path | None
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Client 0's training tensors of ``case``, from ``tensor_cache`` when it has them."""
+    from fml_flower.tensors import ClientData, TensorSplit, load_partition, save_partition
+
+    if tensor_cache is None:
+        return _client0(cfg, cfg.federation.min_nodes)
+    path = tensor_cache / f"{case.experiment}-client0.pt"
+    fingerprint = f"{case.experiment} client 0, first {TENSOR_CACHE_CAP} samples"
+    loaded = load_partition(path, fingerprint)
+    if loaded is None:
+        x, y, info = _client0(cfg, cfg.federation.min_nodes)
+        split = TensorSplit(x[:TENSOR_CACHE_CAP].clone(), y[:TENSOR_CACHE_CAP].clone())
+        empty = TensorSplit(x[:0].clone(), y[:0].clone())
+        save_partition(path, ClientData(split, empty), info, fingerprint)
+        loaded = load_partition(path, fingerprint)
+    assert loaded is not None
+    data, info = loaded
+    return data.train.x, data.train.y, info
+
+
+def bench_epoch(
+    data_root: str,
+    device_name: str,
+    repeats: int,
+    max_samples: int | None,
+    tensor_cache: Path | None = None,
+    epochs: int = 1,
+) -> dict[str, Any]:
+    """Floor vs our epoch, alternating, ``repeats`` times per case; each timing covers
+    ``epochs`` epochs (more for a fast GPU, whose single epoch is too short to time).
+    """
+    device = resolve_device(device_name)
+    rows = []
+    for case in EPOCH_CASES:
+        cfg = load_config(case.experiment, {**case.overrides, "data.root": data_root})
+        x, y, info = _case_tensors(case, cfg, tensor_cache)
+        cap = max_samples if max_samples is not None else case.max_samples_cpu
+        if device.type == "cpu" and cap:
+            x, y = x[:cap], y[:cap]
+        x, y = x.to(device), y.to(device)
+        t = cfg.train
+        local0 = build_model(cfg.model.local, info.input_shape, info.num_classes, seed=1)
+        meme0 = build_model(cfg.model.meme, info.input_shape, info.num_classes, seed=2)
+        runs: dict[str, list[float]] = {"floor": [], "ours": []}
+        loops: dict[str, Callable[..., None]] = {"floor": floor_epoch, "ours": our_epoch}
+        for rep in range(repeats + 1):  # the first pair warms up and is not counted
+            for name in ("floor", "ours") if rep % 2 == 0 else ("ours", "floor"):
+                local, meme = copy.deepcopy(local0).to(device), copy.deepcopy(meme0).to(device)
+                gen = torch.Generator().manual_seed(rep)
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(epochs):
+                    loops[name](local, meme, x, y, t.batch_size, t.alpha, t.beta, t.lr, gen)
+                _sync(device)
+                if rep > 0:
+                    runs[name].append(epochs * len(y) / (time.perf_counter() - t0))
+        floor, ours = statistics.median(runs["floor"]), statistics.median(runs["ours"])
+        row = {
+            "case": case.name,
+            "samples": len(y),
+            "floor_sps": floor,
+            "ours_sps": ours,
+            "ratio": ours / floor,
+            "repeats": repeats,
+            "epochs_per_timing": epochs,
+        }
+        print(
+            f"  {case.name}: floor {floor:.0f}/s, ours {ours:.0f}/s, ratio {ours / floor:.3f}",
+            flush=True,
+        )
+        rows.append(row)
+    return {"device": str(device), "threads": torch.get_num_threads(), "rows": rows}
+
+
+# ------------------------------------------------------------- (3) and (4): simulation
+
+
+def _round_costs(run_dir: Path, workers: int) -> dict[str, Any]:
+    """Round wall times against the client compute recorded in ``metrics.json``."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rounds = [r for r in metrics["rounds"] if r["round"] > 0]
+    walls, computes, shares = [], [], []
+    for r in rounds:
+        train = r.get("clients_train", {}).values()
+        evals = r.get("clients", {}).values()
+        compute = sum(c.get("setup_seconds", 0) + c.get("train_seconds", 0) for c in train)
+        compute += sum(c.get("eval_seconds", 0) for c in evals)
+        walls.append(r["seconds"])
+        computes.append(compute)
+        shares.append(max(0.0, 1 - compute / (workers * r["seconds"])))
+    setup = [c.get("setup_seconds", 0) for r in rounds for c in r["clients_train"].values()]
+    return {
+        "rounds": len(rounds),
+        "round_wall_median_s": statistics.median(walls),
+        "client_compute_median_s": statistics.median(computes),
+        "flower_share_median": statistics.median(shares),
+        "client_setup_median_s": statistics.median(setup) if setup else None,
+        "final_personal_acc": rounds[-1].get("personal_acc"),
+        "final_global_acc": rounds[-1].get("global_acc"),
+        "clients_with_model": len(
+            {c for r in rounds for c, m in r.get("clients_train", {}).items() if m}
+        ),
+    }
+
+
+def bench_simulation(
+    data_root: str, rounds: int, clients: int, fraction: float, client_cpus: list[int]
+) -> dict[str, Any]:
+    """P1 (or a larger federation) through ``flwr run`` on a simulation SuperLink."""
+    from fml_flower.experiments import PeakMemory
+    from fml_flower.launch import run_app, run_status, simulation_superlink
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fml-bench-") as tmp:
+        flwr_home = Path(tmp) / ".flwr"
+        with simulation_superlink(flwr_home, cwd=ROOT) as (connection, pid):
+            for cpus in client_cpus:
+                name = f"c{clients}-f{fraction}-cpu{cpus}"
+                run_config = {
+                    "experiment": "p1",
+                    "data.root": data_root,
+                    "federation.num_rounds": rounds,
+                    "federation.min_nodes": max(1, round(clients * fraction)),
+                    "federation.fraction_train": fraction,
+                    "federation.fraction_evaluate": fraction,
+                    "output.dir": tmp,
+                    "output.run_name": name,
+                    "output.plot": False,
+                }
+                t0 = time.monotonic()
+                with PeakMemory(pid, interval=0.5) as memory:
+                    proc = run_app(
+                        ROOT, flwr_home, connection, run_config, clients, 3600, num_cpus=cpus
+                    )
+                wall = time.monotonic() - t0
+                run_dir = Path(tmp) / name
+                if not (run_dir / "metrics.json").is_file():
+                    raise RuntimeError(
+                        f"benchmark run {name} failed: {run_status(flwr_home, connection)}\n"
+                        f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+                    )
+                workers = max(1, (os.cpu_count() or 1) // cpus)
+                costs = _round_costs(run_dir, workers)
+                round_sum = sum(
+                    r["seconds"]
+                    for r in json.loads((run_dir / "metrics.json").read_text())["rounds"]
+                )
+                row = {
+                    "clients": clients,
+                    "fraction": fraction,
+                    "client_cpus": cpus,
+                    "workers": workers,
+                    **costs,
+                    "wall_s": wall,
+                    "startup_and_shutdown_s": wall - round_sum,
+                    "peak_memory_mb": memory.peak_mb,
+                }
+                print(f"  {name}: {json.dumps(row)}", flush=True)
+                rows.append(row)
+    return {"rows": rows}
+
+
+# ---------------------------------------------------------------- (5): deployment
+
+
+def bench_deployment(app_dirs: dict[str, Path], rounds: int, trials: int) -> dict[str, Any]:
+    """SuperLink + 2 SuperNodes on loopback, trivial work (mlp, 2 x 2,000 digits), for
+    each app folder in ``app_dirs`` (e.g. the code before and after a change), alternating.
+    """
+    from fml_flower.launch import deployment, run_app, run_status
+
+    rows = []
+    for trial in range(trials):
+        for label, app_dir in app_dirs.items():
+            with tempfile.TemporaryDirectory(prefix="fml-bench-dep-") as tmp:
+                tuned = label != "before"
+                nodes = [
+                    {"partition-id": i, "num-partitions": 2}
+                    | ({"state-dir": str(Path(tmp) / f"state-{i}")} if tuned else {})
+                    for i in range(2)
+                ]
+                run_config: dict[str, Any] = {
+                    "experiment": "base",
+                    "model.meme": "mlp",
+                    "model.local": "mlp",
+                    "federation.num_rounds": rounds,
+                    "federation.min_nodes": 2,
+                    "output.dir": tmp,
+                    "output.run_name": "run",
+                    "output.plot": False,
+                }
+                if tuned:
+                    run_config["federation.poll_interval"] = 0.1
+                flwr_home = Path(tmp) / ".flwr"
+                with deployment(
+                    flwr_home,
+                    app_dir,
+                    2,
+                    nodes,
+                    superexec_poll_interval=0.1 if tuned else None,
+                ) as dep:
+                    dep.wait_for_nodes(2)
+                    t0 = time.monotonic()
+                    proc = run_app(app_dir, flwr_home, dep.connection, run_config, None, 1800)
+                    wall = time.monotonic() - t0
+                    status = run_status(flwr_home, dep.connection)
+                run_dir = Path(tmp) / "run"
+                if not (run_dir / "metrics.json").is_file():
+                    raise RuntimeError(
+                        f"deployment benchmark ({label}) failed: {status}\n{proc.stdout[-3000:]}"
+                    )
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+                rs = [r for r in metrics["rounds"] if r["round"] > 0]
+                compute = [
+                    max(
+                        (c.get("setup_seconds", 0) + c.get("train_seconds", 0))
+                        for c in r["clients_train"].values()
+                    )
+                    + max(c.get("eval_seconds", 0) for c in r["clients"].values())
+                    for r in rs
+                ]
+                row = {
+                    "variant": label,
+                    "trial": trial,
+                    "app_dir": str(app_dir),
+                    "rounds": len(rs),
+                    "round_wall_median_s": statistics.median(r["seconds"] for r in rs),
+                    "round_walls_s": [r["seconds"] for r in rs],
+                    "client_compute_median_s": statistics.median(compute),
+                    "wall_s": wall,
+                }
+                row["overhead_median_s"] = (
+                    row["round_wall_median_s"] - row["client_compute_median_s"]
+                )
+                print(f"  {label}: {json.dumps(row)}", flush=True)
+                rows.append(row)
+    return {"rows": rows}
+
+
+# ------------------------------------------------------------------------- the report
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render(parts: dict[str, dict[str, Any]]) -> str:
+    """Markdown tables of every stored part."""
+    out = []
+    for key in sorted(k for k in parts if k.startswith("epoch")):
+        p = parts[key]
+        out += [
+            "### (1)+(2) Floor vs our mutual-learning epoch",
+            "",
+            f"{p['date']}, {p['machine']}, device {p['result']['device']}, "
+            f"{p['result']['threads']} torch threads. Command: `{p['command']}`",
+            "",
+            "| case | samples | floor (samples/s) | ours (samples/s) | ratio ours/floor |",
+            "|---|---|---|---|---|",
+        ]
+        for r in p["result"]["rows"]:
+            out.append(
+                f"| {r['case']} | {r['samples']} | {r['floor_sps']:.0f} | {r['ours_sps']:.0f} "
+                f"| {r['ratio']:.3f} |"
+            )
+        out.append("")
+    for key, title in (("sim", "(3) P1 in the simulation engine"), ("sim100", "(4) 100 clients")):
+        if key not in parts:
+            continue
+        p = parts[key]
+        out += [
+            f"### {title}",
+            "",
+            f"{p['date']}, {p['machine']}. Command: `{p['command']}`",
+            "",
+            "| clients | sampled | CPUs per client (workers) | rounds | round wall median (s) "
+            "| client compute median (s) | Flower's share median | client setup median (s) "
+            "| start-up + shutdown (s) | peak memory (MiB) | clients holding a model |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in p["result"]["rows"]:
+            out.append(
+                f"| {r['clients']} | {r['fraction']:.0%} | {r['client_cpus']} ({r['workers']}) "
+                f"| {r['rounds']} | {_fmt(r['round_wall_median_s'])} "
+                f"| {_fmt(r['client_compute_median_s'])} | {r['flower_share_median']:.1%} "
+                f"| {_fmt(r['client_setup_median_s'], 3)} | {_fmt(r['startup_and_shutdown_s'], 1)}"
+                f" | {r['peak_memory_mb']:.0f} | {r['clients_with_model']} |"
+            )
+        out.append("")
+    if "deploy" in parts:
+        p = parts["deploy"]
+        out += [
+            "### (5) Deployment on loopback (SuperLink + 2 SuperNodes, trivial work)",
+            "",
+            f"{p['date']}, {p['machine']}. Command: `{p['command']}`",
+            "",
+            "| variant | trial | rounds | round wall median (s) | client compute median (s) "
+            "| overhead per round (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in p["result"]["rows"]:
+            out.append(
+                f"| {r['variant']} | {r['trial']} | {r['rounds']} "
+                f"| {_fmt(r['round_wall_median_s'])} | {_fmt(r['client_compute_median_s'])} "
+                f"| {_fmt(r['overhead_median_s'])} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def store(part: str, result: dict[str, Any], command: str) -> None:
+    """Keep one part's numbers and rewrite the generated section of the document."""
+    STORE.mkdir(parents=True, exist_ok=True)
+    entry = {
+        "date": datetime.now().isoformat(timespec="minutes"),
+        "machine": machine(),
+        "command": command,
+        "result": result,
+    }
+    (STORE / f"{part}.json").write_text(json.dumps(entry, indent=1) + "\n")
+    parts = {p.stem: json.loads(p.read_text()) for p in sorted(STORE.glob("*.json"))}
+    section = f"{BEGIN}\n{render(parts)}\n{END}"
+    text = DOC.read_text() if DOC.is_file() else f"# Performance\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise RuntimeError(f"{DOC} lacks the {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    DOC.write_text(head + section + rest.split(END, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=["epoch", "sim", "sim100", "deploy", "all"])
+    parser.add_argument(
+        "--data-root", default=os.environ.get("FML_DATA_ROOT", str(ROOT.parent / "shared/data"))
+    )
+    parser.add_argument("--device", default="auto", help="epoch part: cpu, cuda or auto")
+    parser.add_argument("--repeats", type=int, default=5, help="epoch part: timed pairs")
+    parser.add_argument(
+        "--max-samples", type=int, default=None, help="epoch part: cap per case (0 = none)"
+    )
+    parser.add_argument(
+        "--tensor-cache",
+        type=Path,
+        default=None,
+        help="epoch part: folder keeping each case's client tensors (built when absent)",
+    )
+    parser.add_argument("--epochs", type=int, default=1, help="epoch part: epochs per timing")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--tag", default="", help="suffix of the stored part's name")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--client-cpus", default="1", help="simulation: comma-separated CPUs per client"
+    )
+    parser.add_argument(
+        "--before", type=Path, default=None, help="deploy: an older checkout to compare"
+    )
+    parser.add_argument("--trials", type=int, default=1, help="deploy: alternations")
+    args = parser.parse_args(argv)
+    data_root = str(Path(args.data_root).resolve())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    needs_data = args.part in ("sim", "sim100", "all") or (
+        args.part == "epoch" and args.tensor_cache is None
+    )
+    if needs_data and not Path(data_root, "mnist").is_dir():
+        parser.error(f"--data-root: no mnist folder in {data_root} (see ../shared/data/README.md)")
+    command = "python -m fml_flower.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    cpus = [int(c) for c in args.client_cpus.split(",")]
+    todo = ["epoch", "sim", "sim100", "deploy"] if args.part == "all" else [args.part]
+    for part in todo:
+        print(f"== {part}", flush=True)
+        if part == "epoch":
+            result = bench_epoch(
+                data_root,
+                args.device,
+                args.repeats,
+                args.max_samples,
+                args.tensor_cache,
+                args.epochs,
+            )
+        elif part == "sim":
+            result = bench_simulation(data_root, args.rounds, 20, 1.0, cpus)
+        elif part == "sim100":
+            result = bench_simulation(data_root, max(args.rounds, 5), 100, 0.1, cpus)
+        else:
+            dirs = {"after": ROOT}
+            if args.before is not None:
+                dirs = {"before": args.before.resolve(), "after": ROOT}
+            result = bench_deployment(dirs, args.rounds, args.trials)
+        store(part + (f"-{args.tag}" if args.tag else ""), result, command)
+    print(render({p.stem: json.loads(p.read_text()) for p in sorted(STORE.glob("*.json"))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
