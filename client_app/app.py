@@ -28,7 +28,14 @@ from client_app.methods import (
     personal_identity,
 )
 from client_app.state import has_personal_model, load_personal, restore_from_disk
-from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to_yaml, validate
+from fml_flower.config import (
+    ConfigError,
+    FMLConfig,
+    config_from_run_config,
+    data_for_client,
+    to_yaml,
+    validate,
+)
 from fml_flower.models import build_model, resolve_device
 from fml_flower.tensors import (
     ClientData,
@@ -95,6 +102,8 @@ def client_data(
     dataset libraries or re-partition (deployment starts a new process per message).
     """
     device = resolve_device(cfg.train.device)
+    data_cfg, pid, n = data_for_client(cfg.data, pid, n)  # its own dataset, if several
+    cfg = replace(cfg, data=data_cfg)
     key = (to_yaml(cfg.data), pid, n, str(device))  # type: ignore[arg-type]
     if key not in _DATA_CACHE:
         loaded, path, fingerprint = None, None, ""
@@ -114,16 +123,20 @@ def client_data(
 
 
 def node_overrides(cfg: FMLConfig, context: Context) -> FMLConfig:
-    """Apply the node config's ``data-root`` (this node's own data folder) and
-    ``local-model`` (this node's private architecture, never sent anywhere), if given.
+    """Apply the node config's ``data-root`` (this node's own data folder),
+    ``data-name`` (this node's own dataset: a task of its own) and ``local-model`` (this
+    node's private architecture, never sent anywhere), if given.
     """
     root = context.node_config.get("data-root")
     arch = context.node_config.get("local-model")
+    name = context.node_config.get("data-name")
     if root not in (None, ""):
         cfg = replace(cfg, data=replace(cfg.data, source="local", root=str(root)))
+    if name not in (None, ""):
+        cfg = replace(cfg, data=replace(cfg.data, name=str(name), name_per_client={}))
     if arch not in (None, ""):
         cfg = replace(cfg, model=replace(cfg.model, local=str(arch), local_per_client={}))
-    if (root, arch) != (None, None):
+    if (root, arch, name) != (None, None, None):
         try:
             validate(cfg)
         except ConfigError as err:
@@ -160,7 +173,7 @@ def round_input(msg: Message, context: Context) -> RoundInput:
     )
     if inp.state_dir is not None and not has_personal_model(context):
         restored = restore_from_disk(
-            context, inp.state_dir, pid, personal_arch(cfg, pid), personal_identity(cfg, n)
+            context, inp.state_dir, pid, personal_arch(cfg, pid), personal_identity(cfg, pid, n)
         )
         inp.notes["personal_restored_from_disk"] = float(restored)
     return inp
@@ -173,7 +186,11 @@ def train(msg: Message, context: Context) -> Message:
     inp = round_input(msg, context)
     t1 = time.perf_counter()
     arrays, metrics = TRAINERS[inp.cfg.train.method](inp)
-    inp.notes.update(setup_seconds=t1 - t0, train_seconds=time.perf_counter() - t1)
+    inp.notes.update(
+        setup_seconds=t1 - t0,
+        train_seconds=time.perf_counter() - t1,
+        torch_threads=torch.get_num_threads(),
+    )
     content = RecordDict(
         {
             "metrics": MetricRecord(

@@ -21,7 +21,7 @@ from client_app.state import (
     persist_personal,
     save_personal,
 )
-from fml_flower.config import FMLConfig
+from fml_flower.config import FMLConfig, data_for_client
 from fml_flower.models import build_model, cpu_state_dict, head_keys, matching_keys
 from fml_flower.tensors import ClientData, DatasetInfo
 from fml_flower.training import EpochStats, mutual_learning_epoch, sgd, supervised_epoch
@@ -78,14 +78,16 @@ def seed_for(cfg: FMLConfig, pid: int, server_round: int = 0) -> int:
     return cfg.seed + 7919 * (pid + 1) + 104729 * server_round
 
 
-def personal_identity(cfg: FMLConfig, num_partitions: int) -> dict[str, str]:
+def personal_identity(cfg: FMLConfig, pid: int, num_partitions: int) -> dict[str, str]:
     """What a saved personalized model must share with the run that restores it."""
-    d = cfg.data
+    d, own_pid, n = data_for_client(cfg.data, pid, num_partitions)
     split = (
         f"{d.source}:{d.name}:{d.partitioner}:classes={d.classes_per_client}:"
         f"dirichlet={d.dirichlet_alpha}:test={d.test_fraction}:seed={d.seed}:"
         f"clients={num_partitions}"
     )
+    if cfg.data.name_per_client:  # several datasets: the client's share of its own
+        split += f":{n} clients of {d.name}, share {own_pid}"
     return {"method": cfg.train.method, "data split": split}
 
 
@@ -180,7 +182,9 @@ def store_personal(inp: RoundInput, model: nn.Module, opt: torch.optim.Optimizer
     """Keep the personalized model in ``context.state`` and, with a state dir, on disk."""
     save_personal(inp.context, model, opt, personal_arch(inp.cfg, inp.pid))
     if inp.state_dir is not None:
-        persist_personal(inp.context, inp.state_dir, inp.pid, personal_identity(inp.cfg, inp.n))
+        persist_personal(
+            inp.context, inp.state_dir, inp.pid, personal_identity(inp.cfg, inp.pid, inp.n)
+        )
 
 
 def train_fml(inp: RoundInput) -> TrainResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,33 @@ class DataConfig:
     mean: list[float] = field(default_factory=list)
     """Per-channel normalization; empty = computed from the pooled training split."""
     std: list[float] = field(default_factory=list)
+    name_per_client: dict[int, str] = field(default_factory=dict)
+    """Partition id -> dataset name (same source and root), overriding ``name`` for those
+    clients: a federation of different tasks (e.g. MNIST and Fashion-MNIST clients). The
+    clients of one dataset share its training split among themselves; the central test
+    set is ``name``'s."""
+
+
+def data_for_client(
+    data: DataConfig, partition_id: int, num_partitions: int
+) -> tuple[DataConfig, int, int]:
+    """The data setting of one client: ``(its dataset's config, its partition id within
+    that dataset, the number of clients sharing that dataset)``.
+
+    Without ``name_per_client`` this is ``(data, partition_id, num_partitions)``. With it,
+    the clients holding the same dataset, in partition-id order, split its training set.
+    """
+    if not data.name_per_client:
+        return data, partition_id, num_partitions
+
+    def name_of(pid: int) -> str:
+        return data.name_per_client.get(pid, data.name)
+
+    mine = name_of(partition_id)
+    group = [pid for pid in range(num_partitions) if name_of(pid) == mine]
+    if partition_id not in group:
+        raise ConfigError(f"partition id {partition_id} is outside the {num_partitions} partitions")
+    return replace(data, name=mine, name_per_client={}), group.index(partition_id), len(group)
 
 
 @dataclass
@@ -306,6 +333,18 @@ def validate(cfg: FMLConfig) -> None:
     _check(d.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
     _check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
     _check(len(d.mean) == len(d.std), "data.mean", "data.mean and data.std need equal lengths")
+    _check(all(pid >= 0 for pid in d.name_per_client), "data.name_per_client", "ids must be >= 0")
+    for pid, name in d.name_per_client.items():
+        _check(bool(name), f"data.name_per_client.{pid}", "must name a dataset")
+        if d.source == "embedded":
+            _check_choice(name, f"data.name_per_client.{pid}", EMBEDDED_DATASETS)
+        if d.source == "local":
+            folder = Path(d.root).expanduser() / name
+            _check(
+                folder.is_dir(),
+                f"data.name_per_client.{pid}",
+                f"folder {folder.resolve()} does not exist",
+            )
     _check(all(s > 0 for s in d.std), "data.std", "must be > 0")
 
     for key, name in [("model.meme", m.meme), ("model.local", m.local)] + [

@@ -380,3 +380,39 @@ def federated_data(cfg: DataConfig, num_partitions: int) -> FederatedImageData:
             )
         return FederatedImageData(cfg, train, test, fds)
     raise ConfigError(f"data.source: unknown '{cfg.source}'")
+
+
+def check_client_datasets(
+    cfg: DataConfig, num_partitions: int, central: FederatedImageData
+) -> dict[str, list[int] | None]:
+    """A federation of several datasets (``data.name_per_client``): every dataset must
+    feed the clients that hold it and fit the shared model's input and classes (those of
+    the central dataset ``central``). Returns each dataset's partition sizes; raises
+    :class:`ConfigError` naming the problem.
+    """
+    from fml_flower.config import data_for_client
+
+    late = sorted(pid for pid in cfg.name_per_client if pid >= num_partitions)
+    if late:
+        raise ConfigError(
+            f"data.name_per_client: partition ids {late} but only {num_partitions} clients"
+        )
+    groups: dict[str, tuple[DataConfig, int]] = {}
+    for pid in range(num_partitions):
+        own, _, n = data_for_client(cfg, pid, num_partitions)
+        groups[own.name] = (own, n)
+    sizes: dict[str, list[int] | None] = {}
+    for name, (own, n) in groups.items():
+        data = central if name == cfg.name and n == num_partitions else federated_data(own, n)
+        if data.info.input_shape != central.info.input_shape:
+            raise ConfigError(
+                f"data.name_per_client: '{name}' has inputs {data.info.input_shape}, the "
+                f"shared model takes {central.info.input_shape} ('{cfg.name}')"
+            )
+        if data.info.num_classes > central.info.num_classes:
+            raise ConfigError(
+                f"data.name_per_client: '{name}' has {data.info.num_classes} classes, the "
+                f"shared model outputs {central.info.num_classes} ('{cfg.name}')"
+            )
+        sizes[name] = data.check_partitions(n)
+    return sizes

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to_yaml
-from fml_flower.data import federated_data
+from fml_flower.data import check_client_datasets, federated_data
 from fml_flower.models import build_model, cpu_state_dict
 from fml_flower.results import RunRecorder, plot_run, summary_table
 from server_app.grid import PollingGrid
@@ -90,7 +90,10 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     resume = resume_point(cfg)
     num_nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.round_timeout)
     data = federated_data(cfg.data, num_nodes)
-    sizes = data.check_partitions(num_nodes)
+    if cfg.data.name_per_client:
+        sizes = check_client_datasets(cfg.data, num_nodes, data)
+    else:
+        sizes = data.check_partitions(num_nodes)
     meme = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes, seed=cfg.seed)
     offset = 0
     if resume is not None:

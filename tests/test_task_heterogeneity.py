@@ -1,0 +1,104 @@
+"""Clients with different datasets (tasks) in one federation: ``data.name_per_client``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+import client_app.app as client_module
+from fml_flower.config import ConfigError, data_for_client, load_config
+from fml_flower.data import check_client_datasets, federated_data
+
+
+def _dataset(folder: Path, value: int, size: int = 8, n_train: int = 120) -> None:
+    """A toy dataset whose every pixel is ``value``: tells the datasets apart."""
+    folder.mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", 40)):
+        np.savez(
+            folder / f"{split}.npz",
+            x=np.full((n, size, size), value, dtype=np.uint8),
+            y=np.arange(n) % 4,
+        )
+
+
+def _cfg(root: Path, **extra: object):
+    return load_config(
+        "base",
+        {
+            "data.source": "local",
+            "data.root": str(root),
+            "data.name": "digits",
+            "data.partitioner": "iid",
+            "data.mean": [0.0],
+            "data.std": [1.0],
+            "data.name_per_client": {1: "clothes", 3: "clothes"},
+            **extra,
+        },
+    )
+
+
+def test_clients_of_one_dataset_share_it(tmp_path: Path) -> None:
+    _dataset(tmp_path / "digits", 10)
+    _dataset(tmp_path / "clothes", 200)
+    d = _cfg(tmp_path).data
+    assert [data_for_client(d, pid, 5)[1:] for pid in range(5)] == [
+        (0, 3),
+        (0, 2),
+        (1, 3),
+        (1, 2),
+        (2, 3),
+    ]
+    assert data_for_client(d, 3, 5)[0].name == "clothes"
+    assert data_for_client(d, 4, 5)[0].name == "digits"
+
+
+def test_each_client_trains_on_its_own_dataset(tmp_path: Path) -> None:
+    _dataset(tmp_path / "digits", 10)
+    _dataset(tmp_path / "clothes", 200)
+    cfg = _cfg(tmp_path)
+    client_module._DATA_CACHE.clear()
+    digits, _ = client_module.client_data(cfg, 0, 4)
+    clothes, _ = client_module.client_data(cfg, 1, 4)
+    assert float(digits.train.x.max()) == pytest.approx(10 / 255)
+    assert float(clothes.train.x.min()) == pytest.approx(200 / 255)
+    assert len(clothes.train) + len(clothes.test) == 60  # half of 120: 2 clothes clients
+    client_module._DATA_CACHE.clear()
+
+
+def test_a_node_can_name_its_own_dataset(tmp_path: Path) -> None:
+    _dataset(tmp_path / "digits", 10)
+    _dataset(tmp_path / "clothes", 200)
+    cfg = _cfg(tmp_path, **{"data.name_per_client": {}})
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 2, "data-name": "clothes"},
+        state=RecordDict(),
+        run_config={},
+    )
+    assert client_module.node_overrides(cfg, ctx).data.name == "clothes"
+    bad = Context(
+        1, 1, {"partition-id": 0, "num-partitions": 2, "data-name": "nope"}, RecordDict(), {}
+    )
+    with pytest.raises(ConfigError, match="nope"):
+        client_module.node_overrides(cfg, bad)
+
+
+def test_server_checks_every_dataset_before_training(tmp_path: Path) -> None:
+    _dataset(tmp_path / "digits", 10)
+    _dataset(tmp_path / "clothes", 200)
+    _dataset(tmp_path / "big", 1, size=12)
+    cfg = _cfg(tmp_path)
+    central = federated_data(cfg.data, 4)
+    sizes = check_client_datasets(cfg.data, 4, central)
+    assert sorted(sizes) == ["clothes", "digits"] and sum(sizes["clothes"]) == 120
+    with pytest.raises(ConfigError, match=r"partition ids \[3\] but only 3 clients"):
+        check_client_datasets(cfg.data, 3, federated_data(cfg.data, 3))
+    other = _cfg(tmp_path, **{"data.name_per_client": {1: "big"}}).data
+    with pytest.raises(ConfigError, match="'big' has inputs"):
+        check_client_datasets(other, 4, central)
+    with pytest.raises(ConfigError, match=r"data\.name_per_client\.1"):
+        _cfg(tmp_path, **{"data.name_per_client": {1: "missing"}})
