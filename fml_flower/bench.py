@@ -335,7 +335,7 @@ def bench_simulation(
 
 
 def bench_deployment(app_dirs: dict[str, Path], rounds: int, trials: int) -> dict[str, Any]:
-    """SuperLink + 2 SuperNodes on loopback, trivial work (mlp, 2 x 2,000 digits), for
+    """SuperLink + 2 SuperNodes on loopback, trivial work (mlp, 2 x ~160 digits), for
     each app folder in ``app_dirs`` (e.g. the code before and after a change), alternating.
     """
     from fml_flower.launch import deployment, run_app, run_status
@@ -345,8 +345,8 @@ def bench_deployment(app_dirs: dict[str, Path], rounds: int, trials: int) -> dic
         for label, app_dir in app_dirs.items():
             with tempfile.TemporaryDirectory(prefix="fml-bench-dep-") as tmp:
                 tuned = label != "before"
-                nodes = [
-                    {"partition-id": i, "num-partitions": 2}
+                nodes = [  # 2 of 20 partitions: about 160 training digits per node
+                    {"partition-id": i, "num-partitions": 20}
                     | ({"state-dir": str(Path(tmp) / f"state-{i}")} if tuned else {})
                     for i in range(2)
                 ]
@@ -523,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="epoch part: epochs per timing")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--tag", default="", help="suffix of the stored part's name")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds per run (sim 3, sim100 5, deploy 5)"
+    )
     parser.add_argument(
         "--client-cpus", default="1", help="simulation: comma-separated CPUs per client"
     )
@@ -555,14 +557,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.epochs,
             )
         elif part == "sim":
-            result = bench_simulation(data_root, args.rounds, 20, 1.0, cpus)
+            result = bench_simulation(data_root, args.rounds or 3, 20, 1.0, cpus)
         elif part == "sim100":
-            result = bench_simulation(data_root, max(args.rounds, 5), 100, 0.1, cpus)
+            result = bench_simulation(data_root, args.rounds or 5, 100, 0.1, cpus)
         else:
             dirs = {"after": ROOT}
             if args.before is not None:
                 dirs = {"before": args.before.resolve(), "after": ROOT}
-            result = bench_deployment(dirs, args.rounds, args.trials)
+            result = bench_deployment(dirs, args.rounds or 5, args.trials)
         store(part + (f"-{args.tag}" if args.tag else ""), result, command)
     print(render({p.stem: json.loads(p.read_text()) for p in sorted(STORE.glob("*.json"))}))
     return 0
