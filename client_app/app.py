@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -30,6 +31,7 @@ from client_app.methods import (
 from client_app.state import has_personal_model, load_personal, restore_from_disk
 from fml_flower.config import (
     ConfigError,
+    DataConfig,
     FMLConfig,
     config_from_run_config,
     data_for_client,
@@ -45,6 +47,9 @@ from fml_flower.tensors import (
     save_partition,
 )
 from fml_flower.training import evaluate
+
+if TYPE_CHECKING:
+    from fml_flower.data import FederatedImageData
 
 app = ClientApp()
 
@@ -74,6 +79,22 @@ def partition_of(context: Context) -> tuple[int, int]:
 
 
 _DATA_CACHE: dict[tuple[str, int, int, str], tuple[ClientData, DatasetInfo]] = {}
+
+
+_DATASETS: dict[tuple[str, int], FederatedImageData] = {}
+
+
+def _federated_data(data: DataConfig, n: int) -> FederatedImageData:
+    """The dataset and its partitioner, once per process (a simulation worker serves many
+    clients, and the partitioner assigns all partitions at once).
+    """
+    from fml_flower.data import federated_data  # the dataset libraries, only here
+
+    key = (to_yaml(data), n)  # type: ignore[arg-type]
+    if key not in _DATASETS:
+        _DATASETS.clear()  # one dataset setting at a time
+        _DATASETS[key] = federated_data(data, n)
+    return _DATASETS[key]
 
 
 def data_fingerprint(cfg: FMLConfig, pid: int, n: int) -> str:
@@ -112,9 +133,7 @@ def client_data(
             path = partition_cache_file(cache_dir, fingerprint, pid)
             loaded = load_partition(path, fingerprint)
         if loaded is None:
-            from fml_flower.data import federated_data  # the dataset libraries, only here
-
-            data = federated_data(cfg.data, n)
+            data = _federated_data(cfg.data, n)
             loaded = (data.client(pid, n), data.info)
             if path is not None:
                 save_partition(path, loaded[0], loaded[1], fingerprint)

@@ -231,13 +231,21 @@ def _load_partition(
 
 
 def partition_indices(
-    labels: np.ndarray, cfg: DataConfig, num_partitions: int, partition_id: int
+    labels: np.ndarray,
+    cfg: DataConfig,
+    num_partitions: int,
+    partition_id: int,
+    partitioner: Partitioner | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices into ``labels`` of one client's own train and test parts."""
+    """Indices into ``labels`` of one client's own train and test parts.
+
+    ``partitioner`` (from :func:`_partitioner_over` with the same arguments) may be reused
+    across clients: flwr-datasets partitioners assign all partitions on their first call.
+    """
     _check_partition_id(partition_id, num_partitions)
-    part = _load_partition(
-        _partitioner_over(labels, cfg, num_partitions), cfg, num_partitions, partition_id
-    )
+    if partitioner is None:
+        partitioner = _partitioner_over(labels, cfg, num_partitions)
+    part = _load_partition(partitioner, cfg, num_partitions, partition_id)
     train, test = _split_partition(part, cfg, partition_id)
     return np.asarray(train["index"]), np.asarray(test["index"])
 
@@ -299,6 +307,7 @@ class FederatedImageData:
         self._train = train
         self._test = test
         self._fds = fds
+        self._partitioners: dict[int, Partitioner] = {}
         labels = np.concatenate([test.y] + ([train.y] if train is not None else []))
         num_classes = int(labels.max()) + 1
         x_shape = test.x.shape[1:]
@@ -316,7 +325,18 @@ class FederatedImageData:
         if self._fds is not None:
             return self._client_from_hub(partition_id, num_partitions)
         assert self._train is not None
-        tr, te = partition_indices(self._train.y, self.cfg, num_partitions, partition_id)
+        _check_partition_id(partition_id, num_partitions)
+        if num_partitions not in self._partitioners:  # assigned once, reused for every client
+            self._partitioners[num_partitions] = _partitioner_over(
+                self._train.y, self.cfg, num_partitions
+            )
+        tr, te = partition_indices(
+            self._train.y,
+            self.cfg,
+            num_partitions,
+            partition_id,
+            self._partitioners[num_partitions],
+        )
         return ClientData(
             self._tensors(RawSplit(self._train.x[tr], self._train.y[tr])),
             self._tensors(RawSplit(self._train.x[te], self._train.y[te])),

@@ -39,7 +39,9 @@ def test_the_benchmark_floor_does_exactly_our_epochs_work() -> None:
     for a, b in zip(runs["floor"], runs["ours"], strict=True):
         for key in a:
             assert torch.allclose(a[key], b[key], atol=1e-6), key
-    assert not torch.equal(runs["ours"][0]["classifier.3.weight"], local0.state_dict()["classifier.3.weight"])
+    assert not torch.equal(
+        runs["ours"][0]["classifier.3.weight"], local0.state_dict()["classifier.3.weight"]
+    )
 
 
 def test_epoch_stats_are_the_per_example_means() -> None:
@@ -91,6 +93,7 @@ def test_a_node_with_a_state_dir_partitions_its_data_once(tmp_path, monkeypatch)
     first, info = client_module.client_data(cfg, 1, 10, tmp_path)
     assert len(list(tmp_path.glob("partition-p1-*.pt"))) == 1
     client_module._DATA_CACHE.clear()  # as in a new ClientApp process
+    client_module._DATASETS.clear()
 
     def no_partitioning(*args: object) -> None:
         raise AssertionError("the cached partition was not used")
