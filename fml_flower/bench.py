@@ -150,7 +150,7 @@ EPOCH_CASES = [
         "P2 CIFAR-10 resnet18+resnet18, batch 64",
         "p2",
         {"model.meme": "resnet18", "model.local": "resnet18"},
-        256,
+        128,
     ),
 ]
 

@@ -141,3 +141,20 @@ def test_polling_grid_collects_replies_and_respects_the_timeout() -> None:
 def test_poll_interval_is_validated() -> None:
     with pytest.raises(ConfigError, match=r"federation\.poll_interval"):
         load_config("base", {"federation.poll_interval": 0})
+
+
+def test_bench_store_rewrites_only_its_section(tmp_path, monkeypatch) -> None:
+    import fml_flower.bench as bench
+
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Reading before\n\n{bench.BEGIN}\nold table\n{bench.END}\n\nReading after\n")
+    monkeypatch.setattr(bench, "DOC", doc)
+    monkeypatch.setattr(bench, "STORE", tmp_path / "store")
+    row = {"case": "toy", "samples": 10, "floor_sps": 100.0, "ours_sps": 97.0, "ratio": 0.97}
+    bench.store("epoch", {"device": "cpu", "threads": 1, "rows": [row]}, "python -m x")
+    text = doc.read_text()
+    assert "old table" not in text and "| toy | 10 | 100 | 97 | 0.970 |" in text
+    assert text.startswith("# Reading before") and text.rstrip().endswith("Reading after")
+    doc.write_text("no markers")
+    with pytest.raises(RuntimeError, match="markers"):
+        bench.store("epoch", {"device": "cpu", "threads": 1, "rows": [row]}, "python -m x")
