@@ -275,9 +275,16 @@ def _round_costs(run_dir: Path, workers: int) -> dict[str, Any]:
 
 
 def bench_simulation(
-    data_root: str, rounds: int, clients: int, fraction: float, client_cpus: list[int]
+    data_root: str,
+    rounds: int,
+    clients: int,
+    fraction: float,
+    client_cpus: list[int],
+    poll_intervals: list[float] | None = None,
 ) -> dict[str, Any]:
-    """P1 (or a larger federation) through ``flwr run`` on a simulation SuperLink."""
+    """P1 (or a larger federation) through ``flwr run`` on a simulation SuperLink, once per
+    (CPUs per client, server poll interval) pair.
+    """
     from fml_flower.experiments import PeakMemory
     from fml_flower.launch import run_app, run_status, simulation_superlink
 
@@ -285,8 +292,9 @@ def bench_simulation(
     with tempfile.TemporaryDirectory(prefix="fml-bench-") as tmp:
         flwr_home = Path(tmp) / ".flwr"
         with simulation_superlink(flwr_home, cwd=ROOT) as (connection, pid):
-            for cpus in client_cpus:
-                name = f"c{clients}-f{fraction}-cpu{cpus}"
+            settings = [(c, p) for p in (poll_intervals or [0.1]) for c in client_cpus]
+            for cpus, poll in settings:
+                name = f"c{clients}-f{fraction}-cpu{cpus}-poll{poll}"
                 run_config = {
                     "experiment": "p1",
                     "data.root": data_root,
@@ -294,6 +302,7 @@ def bench_simulation(
                     "federation.min_nodes": max(1, round(clients * fraction)),
                     "federation.fraction_train": fraction,
                     "federation.fraction_evaluate": fraction,
+                    "federation.poll_interval": poll,
                     "output.dir": tmp,
                     "output.run_name": name,
                     "output.plot": False,
@@ -320,6 +329,7 @@ def bench_simulation(
                     "clients": clients,
                     "fraction": fraction,
                     "client_cpus": cpus,
+                    "poll_interval_s": poll,
                     "workers": workers,
                     **costs,
                     "wall_s": wall,
@@ -439,24 +449,25 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
                 f"| {r['ratio']:.3f} |"
             )
         out.append("")
-    for key, title in (("sim", "(3) P1 in the simulation engine"), ("sim100", "(4) 100 clients")):
-        if key not in parts:
-            continue
+    for key in sorted(k for k in parts if k.startswith("sim")):
+        title = "(4) 100 clients" if key.startswith("sim100") else "(3) P1 in the simulation engine"
         p = parts[key]
         out += [
             f"### {title}",
             "",
             f"{p['date']}, {p['machine']}. Command: `{p['command']}`",
             "",
-            "| clients | sampled | CPUs per client (workers) | rounds | round wall median (s) "
+            "| clients | sampled | CPUs per client (workers) | server poll (s) | rounds "
+            "| round wall median (s) "
             "| client compute median (s) | Flower's share median | client setup median (s) "
             "| start-up + shutdown (s) | peak memory (MiB) | clients holding a model |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in p["result"]["rows"]:
             out.append(
                 f"| {r['clients']} | {r['fraction']:.0%} | {r['client_cpus']} ({r['workers']}) "
-                f"| {r['rounds']} | {_fmt(r['round_wall_median_s'])} "
+                f"| {r.get('poll_interval_s', 3.0)} | {r['rounds']} "
+                f"| {_fmt(r['round_wall_median_s'])} "
                 f"| {_fmt(r['client_compute_median_s'])} | {r['flower_share_median']:.1%} "
                 f"| {_fmt(r['client_setup_median_s'], 3)} | {_fmt(r['startup_and_shutdown_s'], 1)}"
                 f" | {r['peak_memory_mb']:.0f} | {r['clients_with_model']} |"
@@ -530,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         "--client-cpus", default="1", help="simulation: comma-separated CPUs per client"
     )
     parser.add_argument(
+        "--poll-intervals",
+        default="0.1",
+        help="simulation: comma-separated federation.poll_interval values (3.0 = Flower's own)",
+    )
+    parser.add_argument(
         "--before", type=Path, default=None, help="deploy: an older checkout to compare"
     )
     parser.add_argument("--trials", type=int, default=1, help="deploy: alternations")
@@ -544,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data-root: no mnist folder in {data_root} (see ../shared/data/README.md)")
     command = "python -m fml_flower.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     cpus = [int(c) for c in args.client_cpus.split(",")]
+    polls = [float(p) for p in args.poll_intervals.split(",")]
     todo = ["epoch", "sim", "sim100", "deploy"] if args.part == "all" else [args.part]
     for part in todo:
         print(f"== {part}", flush=True)
@@ -557,9 +574,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.epochs,
             )
         elif part == "sim":
-            result = bench_simulation(data_root, args.rounds or 3, 20, 1.0, cpus)
+            result = bench_simulation(data_root, args.rounds or 3, 20, 1.0, cpus, polls)
         elif part == "sim100":
-            result = bench_simulation(data_root, args.rounds or 5, 100, 0.1, cpus)
+            result = bench_simulation(data_root, args.rounds or 5, 100, 0.1, cpus, polls)
         else:
             dirs = {"after": ROOT}
             if args.before is not None:
