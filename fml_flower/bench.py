@@ -196,6 +196,7 @@ def bench_epoch(
     max_samples: int | None,
     tensor_cache: Path | None = None,
     epochs: int = 1,
+    cases: list[str] | None = None,
 ) -> dict[str, Any]:
     """Floor vs our epoch, alternating, ``repeats`` times per case; each timing covers
     ``epochs`` epochs (more for a fast GPU, whose single epoch is too short to time).
@@ -203,6 +204,8 @@ def bench_epoch(
     device = resolve_device(device_name)
     rows = []
     for case in EPOCH_CASES:
+        if cases and not any(c.lower() in case.name.lower() for c in cases):
+            continue
         cfg = load_config(case.experiment, {**case.overrides, "data.root": data_root})
         x, y, info = _case_tensors(case, cfg, tensor_cache)
         cap = max_samples if max_samples is not None else case.max_samples_cpu
@@ -226,12 +229,16 @@ def bench_epoch(
                 if rep > 0:
                     runs[name].append(epochs * len(y) / (time.perf_counter() - t0))
         floor, ours = statistics.median(runs["floor"]), statistics.median(runs["ours"])
+        pair_ratios = [o / f for o, f in zip(runs["ours"], runs["floor"], strict=True)]
         row = {
             "case": case.name,
             "samples": len(y),
             "floor_sps": floor,
             "ours_sps": ours,
             "ratio": ours / floor,
+            "pair_ratio_median": statistics.median(pair_ratios),
+            "floor_runs_sps": runs["floor"],
+            "ours_runs_sps": runs["ours"],
             "repeats": repeats,
             "epochs_per_timing": epochs,
         }
@@ -440,13 +447,16 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
             f"{p['date']}, {p['machine']}, device {p['result']['device']}, "
             f"{p['result']['threads']} torch threads. Command: `{p['command']}`",
             "",
-            "| case | samples | floor (samples/s) | ours (samples/s) | ratio ours/floor |",
-            "|---|---|---|---|---|",
+            "| case | samples | timed pairs | floor (samples/s, median) | ours (samples/s, median) "
+            "| ratio of medians | median of paired ratios |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in p["result"]["rows"]:
+            paired = r.get("pair_ratio_median")
             out.append(
-                f"| {r['case']} | {r['samples']} | {r['floor_sps']:.0f} | {r['ours_sps']:.0f} "
-                f"| {r['ratio']:.3f} |"
+                f"| {r['case']} | {r['samples']} | {r.get('repeats', '-')} "
+                f"| {r['floor_sps']:.0f} | {r['ours_sps']:.0f} | {r['ratio']:.3f} "
+                f"| {'-' if paired is None else f'{paired:.3f}'} |"
             )
         out.append("")
     for key in sorted(k for k in parts if k.startswith("sim")):
@@ -532,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         help="epoch part: folder keeping each case's client tensors (built when absent)",
     )
     parser.add_argument("--epochs", type=int, default=1, help="epoch part: epochs per timing")
+    parser.add_argument(
+        "--cases", default="", help="epoch part: comma-separated case name parts, e.g. P1"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--tag", default="", help="suffix of the stored part's name")
     parser.add_argument(
@@ -572,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_samples,
                 args.tensor_cache,
                 args.epochs,
+                [c for c in args.cases.split(",") if c],
             )
         elif part == "sim":
             result = bench_simulation(data_root, args.rounds or 3, 20, 1.0, cpus, polls)

@@ -153,7 +153,7 @@ def test_bench_store_rewrites_only_its_section(tmp_path, monkeypatch) -> None:
     row = {"case": "toy", "samples": 10, "floor_sps": 100.0, "ours_sps": 97.0, "ratio": 0.97}
     bench.store("epoch", {"device": "cpu", "threads": 1, "rows": [row]}, "python -m x")
     text = doc.read_text()
-    assert "old table" not in text and "| toy | 10 | 100 | 97 | 0.970 |" in text
+    assert "old table" not in text and "| toy | 10 | - | 100 | 97 | 0.970 | - |" in text
     assert text.startswith("# Reading before") and text.rstrip().endswith("Reading after")
     doc.write_text("no markers")
     with pytest.raises(RuntimeError, match="markers"):
