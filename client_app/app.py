@@ -10,6 +10,7 @@ reply with the meme's arrays only and metrics holding ``num-examples``.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from functools import lru_cache
@@ -209,6 +210,7 @@ def train(msg: Message, context: Context) -> Message:
         setup_seconds=t1 - t0,
         train_seconds=time.perf_counter() - t1,
         torch_threads=torch.get_num_threads(),
+        worker_pid=os.getpid(),  # which simulation worker (process) ran this client
     )
     content = RecordDict(
         {
@@ -247,5 +249,5 @@ def evaluate_models(msg: Message, context: Context) -> Message:
             load_body(personal, inp.arrays)
         p = evaluate(personal, test.x, test.y)
         metrics.update(personal_acc=p.accuracy, personal_loss=p.loss)
-    metrics["eval_seconds"] = time.perf_counter() - t0
+    metrics.update(eval_seconds=time.perf_counter() - t0, worker_pid=os.getpid())
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -254,24 +254,42 @@ def bench_epoch(
 
 
 def _round_costs(run_dir: Path, workers: int) -> dict[str, Any]:
-    """Round wall times against the client compute recorded in ``metrics.json``."""
+    """Round wall times against the work recorded in ``metrics.json``.
+
+    Per round: *client compute* is the sum over clients of setup + training + evaluation
+    seconds (measured inside the ClientApp); *idle share* is the part of the workers' time
+    not spent on it, ``1 - compute / (workers x wall)``, which includes the server's
+    central evaluation and workers waiting for the slowest one; *Flower's share* is what
+    is left of the round after the busiest worker's client compute and the central
+    evaluation (ours), ``1 - (busiest + central) / wall``: message passing, state
+    transfer, scheduling and polling.
+    """
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rounds = [r for r in metrics["rounds"] if r["round"] > 0]
-    walls, computes, shares = [], [], []
+    walls, computes, idle, flower, central = [], [], [], [], []
     for r in rounds:
-        train = r.get("clients_train", {}).values()
-        evals = r.get("clients", {}).values()
-        compute = sum(c.get("setup_seconds", 0) + c.get("train_seconds", 0) for c in train)
-        compute += sum(c.get("eval_seconds", 0) for c in evals)
+        busy: dict[Any, float] = {}
+        for c in r.get("clients_train", {}).values():
+            w = c.get("worker_pid")
+            busy[w] = busy.get(w, 0.0) + c.get("setup_seconds", 0) + c.get("train_seconds", 0)
+        for c in r.get("clients", {}).values():
+            w = c.get("worker_pid")
+            busy[w] = busy.get(w, 0.0) + c.get("eval_seconds", 0)
+        compute = sum(busy.values())
+        central_s = r.get("central_seconds", 0.0)
         walls.append(r["seconds"])
         computes.append(compute)
-        shares.append(max(0.0, 1 - compute / (workers * r["seconds"])))
+        central.append(central_s)
+        idle.append(max(0.0, 1 - compute / (workers * r["seconds"])))
+        flower.append(max(0.0, 1 - (max(busy.values(), default=0.0) + central_s) / r["seconds"]))
     setup = [c.get("setup_seconds", 0) for r in rounds for c in r["clients_train"].values()]
     return {
         "rounds": len(rounds),
         "round_wall_median_s": statistics.median(walls),
         "client_compute_median_s": statistics.median(computes),
-        "flower_share_median": statistics.median(shares),
+        "central_eval_median_s": statistics.median(central),
+        "idle_share_median": statistics.median(idle),
+        "flower_share_median": statistics.median(flower),
         "client_setup_median_s": statistics.median(setup) if setup else None,
         "final_personal_acc": rounds[-1].get("personal_acc"),
         "final_global_acc": rounds[-1].get("global_acc"),
@@ -468,17 +486,19 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
             f"{p['date']}, {p['machine']}. Command: `{p['command']}`",
             "",
             "| clients | sampled | CPUs per client (workers) | server poll (s) | rounds "
-            "| round wall median (s) "
-            "| client compute median (s) | Flower's share median | client setup median (s) "
+            "| round wall median (s) | client compute median (s) | central eval median (s) "
+            "| idle share median | Flower's share median | client setup median (s) "
             "| start-up + shutdown (s) | peak memory (MiB) | clients holding a model |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in p["result"]["rows"]:
             out.append(
                 f"| {r['clients']} | {r['fraction']:.0%} | {r['client_cpus']} ({r['workers']}) "
                 f"| {r.get('poll_interval_s', 3.0)} | {r['rounds']} "
                 f"| {_fmt(r['round_wall_median_s'])} "
-                f"| {_fmt(r['client_compute_median_s'])} | {r['flower_share_median']:.1%} "
+                f"| {_fmt(r['client_compute_median_s'])} "
+                f"| {_fmt(r.get('central_eval_median_s'))} "
+                f"| {_fmt(r.get('idle_share_median'), 3)} | {r['flower_share_median']:.1%} "
                 f"| {_fmt(r['client_setup_median_s'], 3)} | {_fmt(r['startup_and_shutdown_s'], 1)}"
                 f" | {r['peak_memory_mb']:.0f} | {r['clients_with_model']} |"
             )

@@ -88,11 +88,13 @@ class CentralEvaluation:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Central accuracy and loss of ``arrays``; also records and checkpoints the round."""
         central: dict[str, float] = {}
+        t0 = time.monotonic()
         if has_complete_global_model(self.cfg):
             self.model.load_state_dict(arrays.to_torch_state_dict())
             res = evaluate(self.model, self.test.x, self.test.y)
             central = {"central_acc": res.accuracy, "central_loss": res.loss}
         now = time.monotonic()
+        central_seconds = now - t0
         absolute = server_round + self.round_offset
         record: dict = {"round": absolute, "central_acc": None, **central}
         if server_round == 0 and self.resumed:
@@ -106,7 +108,11 @@ class CentralEvaluation:
             return MetricRecord(central)
         if server_round > 0:
             record.update(self.round_record(server_round, absolute))
-            record.update(seconds=now - self.t_last, elapsed=now - self.t_start)
+            record.update(
+                seconds=now - self.t_last,
+                elapsed=now - self.t_start,
+                central_seconds=central_seconds,
+            )
             log(
                 INFO,
                 progress_line(record, self.cfg.federation.num_rounds, absolute - self.round_offset),

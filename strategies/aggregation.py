@@ -90,6 +90,10 @@ def weighted_mean_metrics(
     return MetricRecord({k: sums[k] / norms[k] for k in sums if norms[k] > 0})
 
 
+IDENTIFIERS = ("partition_id", "worker_pid")
+"""Client metrics that identify rather than measure: never averaged."""
+
+
 def aggregate_evaluate_metrics(records: list[MetricRecord], weight_key: str) -> MetricRecord:
     """Weighted means of the clients' evaluation metrics plus the spread of accuracies.
 
@@ -98,7 +102,7 @@ def aggregate_evaluate_metrics(records: list[MetricRecord], weight_key: str) -> 
     range (the FML reference asks for both).
     """
     weights = [float(r[weight_key]) for r in records]  # type: ignore[arg-type]
-    out = weighted_mean_metrics(records, weights, exclude=(weight_key, "partition_id"))
+    out = weighted_mean_metrics(records, weights, exclude=(weight_key, *IDENTIFIERS))
     for key in [k for k in out if k.endswith("_acc")]:
         values = [float(r[key]) for r in records if key in r]  # type: ignore[arg-type]
         out[f"{key}_min"] = min(values)

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import (
+    IDENTIFIERS,
     aggregate_evaluate_metrics,
     reply_problem,
     weighted_average_arrays,
@@ -195,7 +196,9 @@ class RobustFedAvg(FedAvg):
         elif records:
             arrays = self.aggregate_arrays(records, weights)
             book.aggregated = True
-        agg_metrics = weighted_mean_metrics(metrics, weights, exclude=(self.weighted_by_key,))
+        agg_metrics = weighted_mean_metrics(
+            metrics, weights, exclude=(self.weighted_by_key, *IDENTIFIERS)
+        )
         agg_metrics["num_clients"] = len(valid)
         book.train_metrics = dict(agg_metrics)  # type: ignore[arg-type]
         return arrays, agg_metrics
