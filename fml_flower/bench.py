@@ -460,7 +460,7 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
     for key in sorted(k for k in parts if k.startswith("epoch")):
         p = parts[key]
         out += [
-            "### (1)+(2) Floor vs our mutual-learning epoch",
+            f"### (1)+(2) Floor vs our mutual-learning epoch (`{key}`)",
             "",
             f"{p['date']}, {p['machine']}, device {p['result']['device']}, "
             f"{p['result']['threads']} torch threads. Command: `{p['command']}`",
@@ -481,7 +481,7 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
         title = "(4) 100 clients" if key.startswith("sim100") else "(3) P1 in the simulation engine"
         p = parts[key]
         out += [
-            f"### {title}",
+            f"### {title} (`{key}`)",
             "",
             f"{p['date']}, {p['machine']}. Command: `{p['command']}`",
             "",
@@ -534,6 +534,11 @@ def store(part: str, result: dict[str, Any], command: str) -> None:
         "result": result,
     }
     (STORE / f"{part}.json").write_text(json.dumps(entry, indent=1) + "\n")
+    store_section()
+
+
+def store_section() -> None:
+    """Rewrite the generated section of the document from every stored part."""
     parts = {p.stem: json.loads(p.read_text()) for p in sorted(STORE.glob("*.json"))}
     section = f"{BEGIN}\n{render(parts)}\n{END}"
     text = DOC.read_text() if DOC.is_file() else f"# Performance\n\n{BEGIN}\n{END}\n"
@@ -546,7 +551,11 @@ def store(part: str, result: dict[str, Any], command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["epoch", "sim", "sim100", "deploy", "all"])
+    parser.add_argument(
+        "part",
+        choices=["epoch", "sim", "sim100", "deploy", "all", "report"],
+        help="report: only rewrite docs/performance.md from the stored parts",
+    )
     parser.add_argument(
         "--data-root", default=os.environ.get("FML_DATA_ROOT", str(ROOT.parent / "shared/data"))
     )
@@ -591,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if needs_data and not Path(data_root, "mnist").is_dir():
         parser.error(f"--data-root: no mnist folder in {data_root} (see ../shared/data/README.md)")
+    if args.part == "report":
+        store_section()
+        return 0
     command = "python -m fml_flower.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     cpus = [int(c) for c in args.client_cpus.split(",")]
     polls = [float(p) for p in args.poll_intervals.split(",")]
