@@ -40,7 +40,7 @@ from flwr_datasets.partitioner import (
 from flwr_datasets.partitioner.partitioner import Partitioner
 from PIL import Image
 
-from fml_flower.config import ConfigError, DataConfig
+from fml_flower.config import ConfigError, DataConfig, data_for_client
 from fml_flower.tensors import ClientData, DatasetInfo, TensorSplit
 
 EMBEDDED_TEST_FRACTION = 0.2
@@ -410,8 +410,6 @@ def check_client_datasets(
     the central dataset ``central``). Returns each dataset's partition sizes; raises
     :class:`ConfigError` naming the problem.
     """
-    from fml_flower.config import data_for_client
-
     late = sorted(pid for pid in cfg.name_per_client if pid >= num_partitions)
     if late:
         raise ConfigError(
