@@ -71,6 +71,10 @@ class DataConfig:
     """dirichlet: resample until every client has at least this many examples."""
     test_fraction: float = 0.2
     """Part of every client's partition kept as that client's own test split."""
+    max_train_examples: int = 0
+    """Cap on every client's own train part (0 = no cap): the first examples of the shuffled
+    split are kept, the client's test part and the central test set are unchanged. For runs
+    cut to fit a CPU; results made with a cap must say so."""
     seed: int = 42
     mean: list[float] = field(default_factory=list)
     """Per-channel normalization; empty = computed from the pooled training split."""
@@ -332,6 +336,7 @@ def validate(cfg: FMLConfig) -> None:
     _check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
     _check(d.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
     _check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+    _check(d.max_train_examples >= 0, "data.max_train_examples", "must be >= 0 (0 = no cap)")
     _check(len(d.mean) == len(d.std), "data.mean", "data.mean and data.std need equal lengths")
     _check(all(pid >= 0 for pid in d.name_per_client), "data.name_per_client", "ids must be >= 0")
     for pid, name in d.name_per_client.items():

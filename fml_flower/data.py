@@ -194,7 +194,10 @@ def _split_partition(
             f"dataset and data.partitioner='{cfg.partitioner}'; use fewer clients"
         )
     split = part.train_test_split(test_size=cfg.test_fraction, seed=cfg.seed)
-    return split["train"], split["test"]
+    train = split["train"]
+    if 0 < cfg.max_train_examples < len(train):  # the split is shuffled: a random subset
+        train = train.select(range(cfg.max_train_examples))
+    return train, split["test"]
 
 
 def _partitioner_over(labels: np.ndarray, cfg: DataConfig, num_partitions: int) -> Partitioner:

@@ -88,6 +88,7 @@ def test_run_config_overrides_and_empty_means_unset() -> None:
         ({"train.beta_schedule": "[0.1, 2]"}, r"train.beta_schedule: .* outside \[0, 1\]"),
         ({"federation.num_rounds": 0}, r"federation.num_rounds: must be >= 1"),
         ({"data.test_fraction": 1.0}, r"data.test_fraction: must be in \(0, 1\)"),
+        ({"data.max_train_examples": -1}, r"data.max_train_examples: must be >= 0"),
         ({"train.batch_size": "big"}, r"train.batch_size"),
         ({"train.nonsense": 1}, r"train.nonsense: unknown configuration key"),
     ],

@@ -70,6 +70,15 @@ def test_client_split_is_80_20() -> None:
     assert len(te) == pytest.approx(0.2 * (len(tr) + len(te)), abs=1)
 
 
+def test_train_cap_keeps_a_subset_of_the_train_part_and_the_whole_test_part() -> None:
+    full_tr, full_te = partition_indices(_labels(), DataConfig(partitioner="iid"), 2, 0)
+    capped = DataConfig(partitioner="iid", max_train_examples=50)
+    tr, te = partition_indices(_labels(), capped, 2, 0)
+    assert len(tr) == 50 < len(full_tr)
+    assert set(tr) <= set(full_tr)
+    assert np.array_equal(te, full_te)
+
+
 def test_too_many_clients_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="clients for 40 training examples"):
         partition_indices(_labels(4), DataConfig(partitioner="iid"), 41, 0)
