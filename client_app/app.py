@@ -229,6 +229,16 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """This node's partition, so that the server can map node ids to partition ids (used
+    for ``federation.join_round``). Loads no data and builds no model.
+    """
+    pid, n = partition_of(context)
+    metrics = MetricRecord({"partition_id": pid, "num_partitions": n})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate_models(msg: Message, context: Context) -> Message:
     """Global and personalized model on this client's own test part."""

@@ -176,6 +176,11 @@ class FederationConfig:
     the previous global model (and says so in the results)."""
     resume_from: str = ""
     """A previous run folder: continue from its last checkpointed round."""
+    join_round: dict[int, int] = field(default_factory=dict)
+    """Partition id -> the round in which that client joins the federation (new
+    participants). Before it, the client is neither trained nor evaluated; in it, its meme
+    starts from the current global model and its personalized model is new. Clients not
+    listed take part from round 1. The server asks every node for its partition id once."""
 
 
 @dataclass
@@ -411,6 +416,13 @@ def validate(cfg: FMLConfig) -> None:
     _check(f.round_timeout > 0, "federation.round_timeout", "must be > 0")
     _check(f.min_replies >= 1, "federation.min_replies", "must be >= 1")
     _check(0 < f.poll_interval <= 60, "federation.poll_interval", "must be in (0, 60] seconds")
+    for pid, join in f.join_round.items():
+        _check(pid >= 0, "federation.join_round", f"partition id {pid} must be >= 0")
+        _check(
+            1 <= join <= f.num_rounds,
+            f"federation.join_round.{pid}",
+            f"round {join} is outside 1..federation.num_rounds={f.num_rounds}",
+        )
     _check(
         not cfg.output.tensorboard or importlib.util.find_spec("tensorboard") is not None,
         "output.tensorboard",

@@ -21,6 +21,7 @@ from fml_flower.models import build_model, cpu_state_dict
 from fml_flower.results import RunRecorder, plot_run, summary_table
 from server_app.grid import PollingGrid
 from server_app.methods import make_strategy, private_keys_of
+from server_app.participants import node_join_rounds, query_partition_ids
 from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
 
 app = ServerApp()
@@ -106,6 +107,10 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
                 f"{result.unexpected_keys})"
             )
         offset = resume.round
+    join_rounds = None
+    if cfg.federation.join_round:
+        partitions = query_partition_ids(grid, cfg.federation.round_timeout)
+        join_rounds = node_join_rounds(cfg.federation.join_round, partitions, offset)
     run_dir = run_dir_for(cfg)
     recorder = RunRecorder(
         run_dir,
@@ -138,7 +143,9 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         run_dir,
     )
 
-    strategy = make_strategy(cfg, private_keys_of(cfg, meme), round_offset=offset)
+    strategy = make_strategy(
+        cfg, private_keys_of(cfg, meme), round_offset=offset, join_rounds=join_rounds
+    )
     strategy.start(
         grid=PollingGrid(grid, cfg.federation.poll_interval),
         initial_arrays=ArrayRecord(cpu_state_dict(meme)),

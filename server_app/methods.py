@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -14,13 +15,19 @@ from strategies.fml import FedMutualLearning
 from strategies.robust import RobustFedAvg
 
 
-def make_strategy(cfg: FMLConfig, private_keys: list[str], round_offset: int = 0) -> RobustFedAvg:
+def make_strategy(
+    cfg: FMLConfig,
+    private_keys: list[str],
+    round_offset: int = 0,
+    join_rounds: Mapping[int, int] | None = None,
+) -> RobustFedAvg:
     """The strategy of ``train.method``, with this configuration's federation settings.
 
     ``private_keys`` are the meme keys that stay on clients: FedPer's head, or FML's
     ``model.private_patterns`` matches;
     ``round_offset`` is the number of rounds done before (a resumed run): the learning-rate
-    and alpha/beta schedules continue from there.
+    and alpha/beta schedules continue from there;
+    ``join_rounds``: node id -> first round (of this run) in which the node takes part.
     """
     f, t = cfg.federation, cfg.train
 
@@ -41,6 +48,7 @@ def make_strategy(cfg: FMLConfig, private_keys: list[str], round_offset: int = 0
         else 0,
         min_available_nodes=f.min_nodes,
         min_replies=f.min_replies,
+        join_rounds=join_rounds,
     )
     if t.method == "fml":
         return FedMutualLearning(alpha=t.alpha, beta=t.beta, private_keys=private_keys, **common)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -70,6 +72,10 @@ class RobustFedAvg(FedAvg):
         Fewest valid training replies needed to update the global model; with fewer, the
         round keeps the previous global model. Nodes that fail or time out do not stop
         the run either way.
+    join_rounds : Mapping[int, int] (default: {})
+        Node id -> the first ``server_round`` in which that node is sampled (for training
+        and evaluation): new participants. Nodes not listed take part from round 1. A
+        joining node receives the current global model like every other node.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``min_available_nodes``, ``weighted_by_key``, ...).
@@ -80,10 +86,12 @@ class RobustFedAvg(FedAvg):
         round_config_fn: RoundConfigFn | None = None,
         min_replies: int = 1,
         private_keys: Sequence[str] = (),
+        join_rounds: Mapping[int, int] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.private_keys = frozenset(private_keys)
+        self.join_rounds = dict(join_rounds or {})
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         self.round_config_fn = round_config_fn
@@ -104,11 +112,37 @@ class RobustFedAvg(FedAvg):
             return arrays
         return ArrayRecord({k: v for k, v in arrays.items() if k not in self.private_keys})
 
+    def has_joined(self, node_id: int, server_round: int) -> bool:
+        """Whether ``node_id`` takes part in ``server_round`` (see ``join_rounds``)."""
+        return self.join_rounds.get(node_id, 1) <= server_round
+
+    @contextmanager
+    def participants(self, server_round: int, grid: Grid) -> Iterator[Grid]:
+        """``grid`` as sampling should see it in ``server_round``: without the nodes that
+        have not joined yet. While it is open, the minimum node counts are lowered to the
+        number of joined nodes, so that Flower's sampling does not wait for the others.
+        """
+        if not self.join_rounds:
+            yield grid
+            return
+        joined = [n for n in grid.get_node_ids() if self.has_joined(n, server_round)]
+        saved = self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes
+        self.min_available_nodes = min(self.min_available_nodes, len(joined))
+        self.min_train_nodes = min(self.min_train_nodes, len(joined))
+        self.min_evaluate_nodes = min(self.min_evaluate_nodes, len(joined))
+        try:
+            yield cast(Grid, _NodeSubset(grid, joined))
+        finally:
+            self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the shared global arrays for client-side evaluation."""
-        return super().configure_evaluate(server_round, self.shared(arrays), config, grid)
+        """Send the shared global arrays for client-side evaluation to joined nodes."""
+        with self.participants(server_round, grid) as nodes:
+            return list(
+                super().configure_evaluate(server_round, self.shared(arrays), config, nodes)
+            )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -116,11 +150,12 @@ class RobustFedAvg(FedAvg):
         """Send the shared global arrays and this round's config to the sampled nodes."""
         arrays = self.shared(arrays)
         self.reference_arrays = arrays
-        messages = list(
-            super().configure_train(
-                server_round, arrays, self.train_config(server_round, config), grid
+        with self.participants(server_round, grid) as nodes:
+            messages = list(
+                super().configure_train(
+                    server_round, arrays, self.train_config(server_round, config), nodes
+                )
             )
-        )
         self.round_log(server_round).train_sent = len(messages)
         return messages
 
@@ -241,6 +276,22 @@ class RobustFedAvg(FedAvg):
         aggregated = aggregate_evaluate_metrics(records, self.weighted_by_key)
         book.evaluate_metrics = dict(aggregated)  # type: ignore[arg-type]
         return aggregated
+
+
+class _NodeSubset:
+    """The part of a Grid that Flower's sampling reads (``get_node_ids``), restricted to
+    some nodes; messages are still built and sent through the real grid.
+    """
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
 
 
 def _positive_number(value: object) -> bool:

@@ -1,4 +1,5 @@
-"""A real FML run through Flower's simulation engine, end to end."""
+"""A real FML run through Flower's simulation engine, end to end: clients with different
+local architectures, one of them joining at round 2."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def test_two_rounds_in_simulation_write_the_results_folder(tmp_path: Path) -> No
                 "federation.num_rounds": 2,
                 "model.meme": "mlp",
                 "model.local": "lenet5",
+                "model.local_per_client": "{1: mlp, 2: cnn}",
+                "federation.join_round": "{3: 2}",
                 "output.dir": str(out),
                 "output.run_name": "sim",
             },
@@ -39,6 +42,8 @@ def test_two_rounds_in_simulation_write_the_results_folder(tmp_path: Path) -> No
         assert (run_dir / name).is_file(), f"{name} missing; log:\n{log[-3000:]}"
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
+    first = rounds[1]  # partition 3 joins in round 2
+    assert first["clients_trained"] == 3 and set(first["clients"]) == {"0", "1", "2"}
     last = rounds[-1]
     assert last["clients_trained"] == 4 and last["replies_dropped"] == 0
     for key in (
