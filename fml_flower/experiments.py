@@ -222,11 +222,114 @@ def write_report(name: str, sweep_dir: Path, runs: list[RunSpec]) -> Path:
     missing = [r.name for r in runs if r not in done]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]
+    if done:
+        lines += per_client_table(sweep_dir, [r.name for r in done])
+        lines += newcomer_table(sweep_dir, [r.name for r in done])
     report = sweep_dir / "results.md"
     report.write_text("\n".join(lines) + "\n")
     if done:
         _plot(sweep_dir, [r.name for r in done])
     return report
+
+
+def _run_files(run_dir: Path) -> tuple[list[dict], dict]:
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    return [r for r in rounds if r["round"] > 0], yaml.safe_load(
+        (run_dir / "config.yaml").read_text()
+    )
+
+
+def _client_acc(record: dict, pid: int) -> float | None:
+    return record.get("clients", {}).get(str(pid), {}).get("personal_acc")
+
+
+def per_client_table(sweep_dir: Path, names: list[str]) -> list[str]:
+    """Markdown lines: every client's final-round personalized accuracy in every run, with
+    the client's local model and dataset where runs set them per client.
+    """
+    finals, configs = {}, {}
+    for name in names:
+        rounds, configs[name] = _run_files(sweep_dir / name)
+        finals[name] = rounds[-1].get("clients", {})
+    pids = sorted({int(p) for clients in finals.values() for p in clients})
+    if not pids:
+        return []
+
+    def described(pid: int, section: str, per_client: str, default: str) -> str:
+        seen = (str(c[section][per_client].get(pid, c[section][default])) for c in configs.values())
+        return " / ".join(dict.fromkeys(seen))  # in run order, each once
+
+    lines = [
+        "",
+        "## Personalized accuracy per client, final round (%)",
+        "",
+        "| client | local model | dataset | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for pid in pids:
+        accs = [finals[n].get(str(pid), {}).get("personal_acc") for n in names]
+        lines.append(
+            f"| {pid} | {described(pid, 'model', 'local_per_client', 'local')} | "
+            f"{described(pid, 'data', 'name_per_client', 'name')} | "
+            + " | ".join(_pct(a) for a in accs)
+            + " |"
+        )
+    return lines
+
+
+def newcomer_curves(run_dir: Path) -> dict[int, list[float | None]]:
+    """Personalized accuracy of each client of a run by rounds since it joined (index 0:
+    its first round): ``federation.join_round`` clients, and ``-1`` for the mean over the
+    clients that took part from round 1 (unweighted).
+    """
+    rounds, cfg = _run_files(run_dir)
+    join = {int(k): int(v) for k, v in (cfg["federation"].get("join_round") or {}).items()}
+    curves: dict[int, list[float | None]] = {
+        pid: [_client_acc(r, pid) for r in rounds if r["round"] >= t] for pid, t in join.items()
+    }
+    incumbents = []
+    for r in rounds:
+        accs = [
+            a
+            for p, m in r.get("clients", {}).items()
+            if int(p) not in join
+            if (a := m.get("personal_acc")) is not None
+        ]
+        incumbents.append(sum(accs) / len(accs) if accs else None)
+    curves[-1] = incumbents
+    return curves
+
+
+def newcomer_table(sweep_dir: Path, names: list[str]) -> list[str]:
+    """Markdown lines: personalized accuracy by rounds since joining, for runs with
+    ``federation.join_round`` (nothing otherwise).
+    """
+    runs = {}
+    for name in names:
+        _, cfg = _run_files(sweep_dir / name)
+        if cfg["federation"].get("join_round"):
+            runs[name] = newcomer_curves(sweep_dir / name)
+    if not runs:
+        return []
+    width = max(len(c) for curves in runs.values() for p, c in curves.items() if p >= 0)
+    lines = [
+        "",
+        "## New participants: personalized accuracy by rounds since joining (%)",
+        "",
+        "Round 1 is the client's first round (its join round). `from round 1` is the mean "
+        "over the clients that took part from the start, at the same number of rounds since "
+        "theirs.",
+        "",
+        "| run | client | " + " | ".join(str(k + 1) for k in range(width)) + " |",
+        "|---|---|" + "---|" * width,
+    ]
+    for name, curves in runs.items():
+        for pid in [*sorted(p for p in curves if p >= 0), -1]:
+            values = curves[pid][:width]
+            who = "from round 1" if pid < 0 else f"{pid} (joins)"
+            cells = [_pct(v) for v in values] + ["-"] * (width - len(values))
+            lines.append(f"| {name} | {who} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plot(sweep_dir: Path, names: list[str]) -> None:

@@ -124,3 +124,21 @@ def test_dynamic_schedule_follows_the_lr_decay() -> None:
     assert got[0].lr == pytest.approx(0.01)
     assert got[2].lr == pytest.approx(0.001)
     assert all(s.alpha == 0.5 for s in got)
+
+
+def test_every_shipped_experiment_and_sweep_is_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """conf/*.yaml and conf/sweeps/*.yaml load and validate (data folders stubbed)."""
+    from fml_flower.config import CONF_DIR
+    from fml_flower.experiments import load_sweep
+
+    for name in ("mnist", "fashion_mnist", "cifar10"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setenv("FML_DATA_ROOT", str(tmp_path))
+    experiments = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+    assert {"p1", "p2", "p3_mnist", "catfish", "new_participants"} <= set(experiments)
+    for name in experiments:
+        load_config(name)
+    for sweep in sorted(p.stem for p in (CONF_DIR / "sweeps").glob("*.yaml")):
+        assert load_sweep(sweep), sweep

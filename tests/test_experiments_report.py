@@ -1,0 +1,53 @@
+"""The sweep report (``results.md``) is computed from the runs' files alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fml_flower.config import load_config, to_yaml
+from fml_flower.experiments import RunSpec, newcomer_curves, write_report
+
+
+def _run(folder: Path, overrides: dict, accs: list[dict[int, float]]) -> None:
+    """A finished run whose round r has the per-client personalized accuracies accs[r-1]."""
+    folder.mkdir(parents=True)
+    cfg = load_config("base", {"federation.num_rounds": len(accs), **overrides})
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    rounds = [{"round": 0, "seconds": 0.0}] + [
+        {
+            "round": r,
+            "seconds": 1.0,
+            "personal_acc": sum(a.values()) / len(a),
+            "clients": {str(p): {"personal_acc": v} for p, v in a.items()},
+        }
+        for r, a in enumerate(accs, start=1)
+    ]
+    metrics = {"run": {"finished": "now", "wall_seconds": 3.0}, "rounds": rounds}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_has_per_client_and_newcomer_tables(tmp_path: Path) -> None:
+    joined = {"federation.join_round": "{2: 2}", "model.local_per_client": "{1: mlp}"}
+    _run(
+        tmp_path / "fml",
+        joined,
+        [{0: 0.5, 1: 0.7}, {0: 0.8, 1: 0.9, 2: 0.6}, {0: 0.9, 1: 0.9, 2: 0.95}],
+    )
+    _run(
+        tmp_path / "local",
+        {},
+        [{0: 0.4, 1: 0.5, 2: 0.3}, {0: 0.6, 1: 0.6, 2: 0.5}, {0: 0.7, 1: 0.7, 2: 0.75}],
+    )
+    curves = newcomer_curves(tmp_path / "fml")
+    assert curves[2] == [0.6, 0.95]  # rounds 2 and 3 = its first and second round
+    assert curves[-1] == pytest.approx([0.6, 0.85, 0.9])  # mean of clients 0 and 1 in rounds 1..3
+    runs = [RunSpec("fml", "base"), RunSpec("local", "base")]
+    text = write_report("demo", tmp_path, runs).read_text()
+    assert "| 1 | mlp / cnn | mnist5k | 90.00 | 70.00 |" in text  # fml mlp, local cnn
+    assert "| 2 | cnn | mnist5k | 95.00 | 75.00 |" in text
+    assert "| fml | 2 (joins) | 60.00 | 95.00 |" in text
+    assert "| fml | from round 1 | 60.00 | 85.00 |"  # as many rounds as the newcomer had in text
+    assert "| local |" not in text.split("New participants")[1]  # no join_round: no curve
