@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 
 import client_app.app as client_module
@@ -102,3 +103,43 @@ def test_server_checks_every_dataset_before_training(tmp_path: Path) -> None:
         check_client_datasets(other, 4, central)
     with pytest.raises(ConfigError, match=r"data\.name_per_client\.1"):
         _cfg(tmp_path, **{"data.name_per_client": {1: "missing"}})
+
+
+def test_task_heads_never_leave_their_clients(tmp_path: Path) -> None:
+    """Digits and clothes clients share the meme body; each keeps its own head."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
+
+    from client_app.methods import MEME_PRIVATE_KEY
+    from fml_flower.models import build_model, matching_keys
+
+    _dataset(tmp_path / "digits", 10)
+    _dataset(tmp_path / "clothes", 200)
+    head_pattern = ["^net[.]5[.]"]  # the mlp's last layer
+    run_config = {
+        "experiment": "base",
+        "data.source": "local",
+        "data.root": str(tmp_path),
+        "data.name": "digits",
+        "data.partitioner": "iid",
+        "data.mean": "[0.0]",
+        "data.std": "[1.0]",
+        "data.name_per_client": "{1: clothes, 3: clothes}",
+        "model.meme": "mlp",
+        "model.local": "mlp",
+        "model.private_patterns": str(head_pattern),
+    }
+    meme = build_model("mlp", (1, 8, 8), 4, seed=0)
+    head = set(matching_keys(meme, head_pattern))
+    body = ArrayRecord({k: v for k, v in meme.state_dict().items() if k not in head})
+    config = ConfigRecord({"server-round": 1, "lr": 0.1, "alpha": 0.5, "beta": 0.5})
+    kept = {}
+    client_module._DATA_CACHE.clear()
+    for pid in (0, 1):  # a digits client and a clothes client
+        ctx = Context(1, pid, {"partition-id": pid, "num-partitions": 4}, RecordDict(), run_config)
+        msg = Message(RecordDict({"arrays": body, "config": config}), pid, MessageType.TRAIN)
+        reply = client_module.train(msg, ctx)
+        assert set(reply.content["arrays"].keys()) == set(body.keys())  # no head array
+        kept[pid] = ctx.state[MEME_PRIVATE_KEY].to_torch_state_dict()
+        assert set(kept[pid]) == head
+    client_module._DATA_CACHE.clear()
+    assert not torch.equal(kept[0]["net.5.weight"], kept[1]["net.5.weight"])  # own tasks
