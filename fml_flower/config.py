@@ -178,9 +178,12 @@ class FederationConfig:
     """A previous run folder: continue from its last checkpointed round."""
     join_round: dict[int, int] = field(default_factory=dict)
     """Partition id -> the round in which that client joins the federation (new
-    participants). Before it, the client is neither trained nor evaluated; in it, its meme
-    starts from the current global model and its personalized model is new. Clients not
-    listed take part from round 1. The server asks every node for its partition id once."""
+    participants). Before it, the client is neither trained nor evaluated; from it on, it
+    may be sampled like any other (its meme then starts from the current global model, its
+    personalized model is new). Clients not listed take part from round 1. Before round 1
+    the server asks every node for its partition id (one ``query`` message), so the nodes
+    of listed partitions must be connected at the start; nodes that connect later are
+    asked when they appear. ``federation.min_replies`` counts joined clients only."""
 
 
 @dataclass

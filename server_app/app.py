@@ -21,7 +21,7 @@ from fml_flower.models import build_model, cpu_state_dict
 from fml_flower.results import RunRecorder, plot_run, summary_table
 from server_app.grid import PollingGrid
 from server_app.methods import make_strategy, private_keys_of
-from server_app.participants import node_join_rounds, query_partition_ids
+from server_app.participants import PartitionJoins
 from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
 
 app = ServerApp()
@@ -107,10 +107,14 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
                 f"{result.unexpected_keys})"
             )
         offset = resume.round
-    join_rounds = None
-    if cfg.federation.join_round:
-        partitions = query_partition_ids(grid, cfg.federation.round_timeout)
-        join_rounds = node_join_rounds(cfg.federation.join_round, partitions, offset)
+    grid = PollingGrid(grid, cfg.federation.poll_interval)
+    joins = None
+    if cfg.federation.join_round:  # learn node -> partition now: fail before any training
+        joins = PartitionJoins(
+            grid, cfg.federation.join_round, cfg.federation.round_timeout, round_offset=offset
+        )
+        joins(list(grid.get_node_ids()))
+        joins.check_known()
     run_dir = run_dir_for(cfg)
     recorder = RunRecorder(
         run_dir,
@@ -144,10 +148,10 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     )
 
     strategy = make_strategy(
-        cfg, private_keys_of(cfg, meme), round_offset=offset, join_rounds=join_rounds
+        cfg, private_keys_of(cfg, meme), round_offset=offset, join_rounds_fn=joins
     )
     strategy.start(
-        grid=PollingGrid(grid, cfg.federation.poll_interval),
+        grid=grid,
         initial_arrays=ArrayRecord(cpu_state_dict(meme)),
         num_rounds=cfg.federation.num_rounds - offset,
         timeout=cfg.federation.round_timeout,

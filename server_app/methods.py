@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -19,7 +19,7 @@ def make_strategy(
     cfg: FMLConfig,
     private_keys: list[str],
     round_offset: int = 0,
-    join_rounds: Mapping[int, int] | None = None,
+    join_rounds_fn: Callable[[list[int]], Mapping[int, int]] | None = None,
 ) -> RobustFedAvg:
     """The strategy of ``train.method``, with this configuration's federation settings.
 
@@ -27,7 +27,8 @@ def make_strategy(
     ``model.private_patterns`` matches;
     ``round_offset`` is the number of rounds done before (a resumed run): the learning-rate
     and alpha/beta schedules continue from there;
-    ``join_rounds``: node id -> first round (of this run) in which the node takes part.
+    ``join_rounds_fn``: connected node ids -> first round (of this run) in which each
+    takes part (new participants).
     """
     f, t = cfg.federation, cfg.train
 
@@ -48,7 +49,7 @@ def make_strategy(
         else 0,
         min_available_nodes=f.min_nodes,
         min_replies=f.min_replies,
-        join_rounds=join_rounds,
+        join_rounds_fn=join_rounds_fn,
     )
     if t.method == "fml":
         return FedMutualLearning(alpha=t.alpha, beta=t.beta, private_keys=private_keys, **common)

@@ -166,8 +166,11 @@ class CentralEvaluation:
         """After a resume, say which clients could not restore a personalized model."""
         if self.cfg.train.method in ("fedavg", "fedprox"):
             return
+        joins = self.cfg.federation.join_round  # clients joining after the resume are new
         fresh = sorted(
-            c for c, m in train_clients.items() if m.get("personal_restored_from_disk") != 1.0
+            c
+            for c, m in train_clients.items()
+            if m.get("personal_restored_from_disk") != 1.0 and joins.get(c, 1) <= self.round_offset
         )
         if fresh:
             log(

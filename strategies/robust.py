@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,9 +74,13 @@ class RobustFedAvg(FedAvg):
         round keeps the previous global model. Nodes that fail or time out do not stop
         the run either way.
     join_rounds : Mapping[int, int] (default: {})
-        Node id -> the first ``server_round`` in which that node is sampled (for training
-        and evaluation): new participants. Nodes not listed take part from round 1. A
-        joining node receives the current global model like every other node.
+        Node id -> the first ``server_round`` in which that node may be sampled (for
+        training and evaluation): new participants. Nodes not listed take part from round
+        1. Once sampled, a joining node receives the current global model like any other.
+    join_rounds_fn : Optional[callable] (default: None)
+        ``connected node ids -> {node id: join round}``, asked every round instead of
+        ``join_rounds``: for schedules keyed by something the server learns from the nodes
+        (this app's ServerApp maps partition ids, asking nodes it has not seen before).
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``min_available_nodes``, ``weighted_by_key``, ...).
@@ -87,11 +92,13 @@ class RobustFedAvg(FedAvg):
         min_replies: int = 1,
         private_keys: Sequence[str] = (),
         join_rounds: Mapping[int, int] | None = None,
+        join_rounds_fn: Callable[[list[int]], Mapping[int, int]] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.private_keys = frozenset(private_keys)
         self.join_rounds = dict(join_rounds or {})
+        self.join_rounds_fn = join_rounds_fn
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         self.round_config_fn = round_config_fn
@@ -112,26 +119,42 @@ class RobustFedAvg(FedAvg):
             return arrays
         return ArrayRecord({k: v for k, v in arrays.items() if k not in self.private_keys})
 
-    def has_joined(self, node_id: int, server_round: int) -> bool:
-        """Whether ``node_id`` takes part in ``server_round`` (see ``join_rounds``)."""
-        return self.join_rounds.get(node_id, 1) <= server_round
+    def join_rounds_of(self, node_ids: Sequence[int]) -> dict[int, int]:
+        """Node id -> first round in which it takes part, for the connected ``node_ids``.
+
+        From ``join_rounds_fn`` when given (it may learn about nodes that connected late),
+        else from ``join_rounds``; nodes listed in neither take part from round 1.
+        """
+        if self.join_rounds_fn is not None:
+            return dict(self.join_rounds_fn(list(node_ids)))
+        return {n: self.join_rounds.get(n, 1) for n in node_ids}
 
     @contextmanager
     def participants(self, server_round: int, grid: Grid) -> Iterator[Grid]:
-        """``grid`` as sampling should see it in ``server_round``: without the nodes that
-        have not joined yet. While it is open, the minimum node counts are lowered to the
-        number of joined nodes, so that Flower's sampling does not wait for the others.
+        """``grid`` as sampling should see it in ``server_round``: only the nodes that have
+        joined by then (see ``join_rounds``).
+
+        While it is open, the minimum node counts follow the joined nodes:
+        ``min_available_nodes`` drops by the number of connected nodes still waiting to
+        join, and ``min_train_nodes``/``min_evaluate_nodes`` are at most
+        ``ceil(fraction x joined)`` (so a fraction samples a fraction of the joined nodes).
         """
-        if not self.join_rounds:
+        if not self.join_rounds and self.join_rounds_fn is None:
             yield grid
             return
-        joined = [n for n in grid.get_node_ids() if self.has_joined(n, server_round)]
+        rounds = self.join_rounds_of(list(grid.get_node_ids()))
+        joined = sum(1 for r in rounds.values() if r <= server_round)
         saved = self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes
-        self.min_available_nodes = min(self.min_available_nodes, len(joined))
-        self.min_train_nodes = min(self.min_train_nodes, len(joined))
-        self.min_evaluate_nodes = min(self.min_evaluate_nodes, len(joined))
+        self.min_available_nodes = max(1, self.min_available_nodes - (len(rounds) - joined))
+        self.min_train_nodes = min(
+            self.min_train_nodes, max(1, math.ceil(self.fraction_train * joined))
+        )
+        if self.fraction_evaluate > 0:
+            self.min_evaluate_nodes = min(
+                self.min_evaluate_nodes, max(1, math.ceil(self.fraction_evaluate * joined))
+            )
         try:
-            yield cast(Grid, _NodeSubset(grid, joined))
+            yield cast(Grid, _JoinedNodes(grid, self.join_rounds_of, server_round))
         finally:
             self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
 
@@ -278,17 +301,22 @@ class RobustFedAvg(FedAvg):
         return aggregated
 
 
-class _NodeSubset:
-    """The part of a Grid that Flower's sampling reads (``get_node_ids``), restricted to
-    some nodes; messages are still built and sent through the real grid.
+class _JoinedNodes:
+    """The part of a Grid that Flower's sampling reads (``get_node_ids``), restricted to the
+    nodes that have joined by ``server_round`` (asked anew on every call, so that Flower's
+    wait for nodes sees nodes that connect meanwhile); messages still go through ``grid``.
     """
 
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+    def __init__(
+        self, grid: Grid, rounds_of: Callable[[list[int]], dict[int, int]], server_round: int
+    ) -> None:
         self._grid = grid
-        self._node_ids = node_ids
+        self._rounds_of = rounds_of
+        self._round = server_round
 
     def get_node_ids(self) -> list[int]:
-        return list(self._node_ids)
+        rounds = self._rounds_of(list(self._grid.get_node_ids()))
+        return [n for n, r in rounds.items() if r <= self._round]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
