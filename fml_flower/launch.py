@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 
+import yaml
+
 QUIET_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -160,7 +162,7 @@ def run_app(
     Returns the finished process (stdout holds the streamed log). Note that ``flwr run``
     exits 0 even when the ServerApp fails: check the results, or :func:`run_status`.
     """
-    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    pairs = " ".join(f"{k}={json.dumps(run_config_value(v))}" for k, v in run_config.items())
     federation = (
         []
         if num_supernodes is None
@@ -177,6 +179,22 @@ def run_app(
         timeout=timeout,
         check=False,
     )
+
+
+def run_config_value(value: object) -> bool | int | float | str:
+    """A value Flower's run-config accepts (bool, int, float or str): lists and mappings
+    become YAML flow strings, which the configuration loader parses back
+    (``[0.1, 0.5, 0.9]``, ``{0: resnet18}``, a list of regexes in single quotes).
+    """
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple | dict):
+        return yaml.safe_dump(
+            list(value) if isinstance(value, tuple) else value,
+            default_flow_style=True,
+            width=1 << 20,
+        ).strip()
+    raise TypeError(f"run-config value {value!r} must be a bool, number, string, list or dict")
 
 
 def run_status(flwr_home: Path, connection: str) -> list[dict]:

@@ -142,3 +142,22 @@ def test_every_shipped_experiment_and_sweep_is_valid(
         load_config(name)
     for sweep in sorted(p.stem for p in (CONF_DIR / "sweeps").glob("*.yaml")):
         assert load_sweep(sweep), sweep
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("train.beta_schedule", [0.1, 0.5, 0.9]),
+        ("model.local_per_client", {0: "lenet5", 3: "resnet18"}),
+        ("model.private_patterns", ["^classifier\\.3\\."]),
+        ("federation.join_round", {8: 7}),
+    ],
+)
+def test_lists_and_maps_survive_the_run_config(key: str, value: object) -> None:
+    """Flower's run-config holds scalars only: sweeps pass lists and maps as YAML text."""
+    from fml_flower.launch import run_config_value
+
+    text = run_config_value(value)
+    assert isinstance(text, str)
+    section, name = key.split(".")
+    assert getattr(getattr(load_config("base", {key: text}), section), name) == value
