@@ -239,8 +239,8 @@ def _run_files(run_dir: Path) -> tuple[list[dict], dict]:
     )
 
 
-def _client_acc(record: dict, pid: int) -> float | None:
-    return record.get("clients", {}).get(str(pid), {}).get("personal_acc")
+def _client_acc(record: dict, pid: int, key: str = "personal_acc") -> float | None:
+    return record.get("clients", {}).get(str(pid), {}).get(key)
 
 
 def per_client_table(sweep_dir: Path, names: list[str]) -> list[str]:
@@ -277,15 +277,17 @@ def per_client_table(sweep_dir: Path, names: list[str]) -> list[str]:
     return lines
 
 
-def newcomer_curves(run_dir: Path) -> dict[int, list[float | None]]:
-    """Personalized accuracy of each client of a run by rounds since it joined (index 0:
-    its first round): ``federation.join_round`` clients, and ``-1`` for the mean over the
-    clients that took part from round 1 (unweighted).
+def newcomer_curves(run_dir: Path, key: str = "personal_acc") -> dict[int, list[float | None]]:
+    """Accuracy ``key`` (a per-client metric: ``personal_acc`` or ``global_acc``) of each
+    client of a run by rounds since it joined (index 0: its first round):
+    ``federation.join_round`` clients, and ``-1`` for the mean over the clients that took
+    part from round 1 (unweighted).
     """
     rounds, cfg = _run_files(run_dir)
     join = {int(k): int(v) for k, v in (cfg["federation"].get("join_round") or {}).items()}
     curves: dict[int, list[float | None]] = {
-        pid: [_client_acc(r, pid) for r in rounds if r["round"] >= t] for pid, t in join.items()
+        pid: [_client_acc(r, pid, key) for r in rounds if r["round"] >= t]
+        for pid, t in join.items()
     }
     incumbents = []
     for r in rounds:
@@ -293,7 +295,7 @@ def newcomer_curves(run_dir: Path) -> dict[int, list[float | None]]:
             a
             for p, m in r.get("clients", {}).items()
             if int(p) not in join
-            if (a := m.get("personal_acc")) is not None
+            if (a := m.get(key)) is not None
         ]
         incumbents.append(sum(accs) / len(accs) if accs else None)
     curves[-1] = incumbents
@@ -308,27 +310,34 @@ def newcomer_table(sweep_dir: Path, names: list[str]) -> list[str]:
     for name in names:
         _, cfg = _run_files(sweep_dir / name)
         if cfg["federation"].get("join_round"):
-            runs[name] = newcomer_curves(sweep_dir / name)
+            runs[name] = {
+                model: newcomer_curves(sweep_dir / name, f"{model}_acc")
+                for model in ("personal", "global")
+            }
     if not runs:
         return []
-    width = max(len(c) for curves in runs.values() for p, c in curves.items() if p >= 0)
+    width = max(len(c) for by in runs.values() for p, c in by["personal"].items() if p >= 0)
     lines = [
         "",
-        "## New participants: personalized accuracy by rounds since joining (%)",
+        "## New participants: accuracy by rounds since joining (%)",
         "",
-        "Round 1 is the client's first round (its join round). `from round 1` is the mean "
-        "over the clients that took part from the start, at the same number of rounds since "
-        "theirs.",
+        "Round 1 is the client's first round (its join round), measured after it trained. "
+        "`from round 1` is the mean over the clients that took part from the start, at the "
+        "same number of rounds since theirs. `global`: the global model (the meme a client "
+        "forks) on that client's test part.",
         "",
-        "| run | client | " + " | ".join(str(k + 1) for k in range(width)) + " |",
-        "|---|---|" + "---|" * width,
+        "| run | client | model | " + " | ".join(str(k + 1) for k in range(width)) + " |",
+        "|---|---|---|" + "---|" * width,
     ]
-    for name, curves in runs.items():
-        for pid in [*sorted(p for p in curves if p >= 0), -1]:
-            values = curves[pid][:width]
-            who = "from round 1" if pid < 0 else f"{pid} (joins)"
-            cells = [_pct(v) for v in values] + ["-"] * (width - len(values))
-            lines.append(f"| {name} | {who} | " + " | ".join(cells) + " |")
+    for name, by in runs.items():
+        for pid in [*sorted(p for p in by["personal"] if p >= 0), -1]:
+            for model, curves in by.items():
+                values = curves[pid][:width]
+                if not any(v is not None for v in values):
+                    continue  # e.g. local-only has no global model
+                who = "from round 1" if pid < 0 else f"{pid} (joins)"
+                cells = [_pct(v) for v in values] + ["-"] * (width - len(values))
+                lines.append(f"| {name} | {who} | {model} | " + " | ".join(cells) + " |")
     return lines
 
 

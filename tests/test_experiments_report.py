@@ -48,6 +48,8 @@ def test_report_has_per_client_and_newcomer_tables(tmp_path: Path) -> None:
     text = write_report("demo", tmp_path, runs).read_text()
     assert "| 1 | mlp / cnn | mnist5k | 90.00 | 70.00 |" in text  # fml mlp, local cnn
     assert "| 2 | cnn | mnist5k | 95.00 | 75.00 |" in text
-    assert "| fml | 2 (joins) | 60.00 | 95.00 |" in text
-    assert "| fml | from round 1 | 60.00 | 85.00 |" in text  # as many rounds as the newcomer had
+    assert "| fml | 2 (joins) | personal | 60.00 | 95.00 |" in text
+    assert (
+        "| fml | from round 1 | personal | 60.00 | 85.00 |" in text
+    )  # as many rounds as the newcomer had
     assert "| local |" not in text.split("New participants")[1]  # no join_round: no curve
