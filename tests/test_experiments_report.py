@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from fml_flower.config import load_config, to_yaml
+from fml_flower.config import ConfigError, load_config, to_yaml
 from fml_flower.experiments import RunSpec, newcomer_curves, write_report
 
 
@@ -53,3 +54,23 @@ def test_report_has_per_client_and_newcomer_tables(tmp_path: Path) -> None:
         "| fml | from round 1 | personal | 60.00 | 85.00 |" in text
     )  # as many rounds as the newcomer had
     assert "| local |" not in text.split("New participants")[1]  # no join_round: no curve
+
+
+def test_report_reads_runs_written_before_a_config_key_existed(tmp_path: Path) -> None:
+    _run(tmp_path / "old", {}, [{0: 0.5, 1: 0.7}])
+    cfg_file = tmp_path / "old" / "config.yaml"
+    saved = yaml.safe_load(cfg_file.read_text())
+    del saved["data"]["name_per_client"]  # as in runs made before the key was added
+    cfg_file.write_text(yaml.safe_dump(saved))
+    text = write_report("demo", tmp_path, [RunSpec("old", "base")]).read_text()
+    assert "| 1 | cnn | mnist5k | 70.00 |" in text
+
+
+def test_report_names_a_run_config_that_does_not_fit_the_schema(tmp_path: Path) -> None:
+    _run(tmp_path / "odd", {}, [{0: 0.5}])
+    cfg_file = tmp_path / "odd" / "config.yaml"
+    saved = yaml.safe_load(cfg_file.read_text())
+    saved["train"]["no_such_key"] = 1
+    cfg_file.write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match=r"odd/config\.yaml: does not fit the current schema"):
+        write_report("demo", tmp_path, [RunSpec("odd", "base")])
