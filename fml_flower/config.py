@@ -436,3 +436,20 @@ def validate(cfg: FMLConfig) -> None:
 def to_yaml(cfg: FMLConfig) -> str:
     """The resolved configuration as YAML (what a run folder records)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run folder's recorded configuration (written by :func:`to_yaml`), laid over the
+    current schema: a run recorded before a key existed reads that key's default.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read, or holds a key or value the current schema does not accept.
+    """
+    saved = _load_yaml(path)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FMLConfig), saved)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: does not fit the current schema: {err}") from err
+    return OmegaConf.to_container(merged)  # type: ignore[return-value]

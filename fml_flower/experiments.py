@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from fml_flower.config import CONF_DIR, ConfigError, FMLConfig, load_config
+from fml_flower.config import CONF_DIR, ConfigError, load_config, read_run_config
 from fml_flower.launch import run_app, run_status, simulation_superlink
 
 ROOT = CONF_DIR.parent
@@ -235,17 +233,11 @@ def write_report(name: str, sweep_dir: Path, runs: list[RunSpec]) -> Path:
 
 
 def _run_files(run_dir: Path) -> tuple[list[dict], dict]:
-    """A finished run's rounds (round 0 left out) and its configuration. The saved
-    ``config.yaml`` is laid over the current schema, so that a run written before a key
-    existed reads that key's default (e.g. ``data.name_per_client``, added later).
+    """A finished run's rounds (round 0 left out) and its configuration (over the current
+    schema, see :func:`read_run_config`).
     """
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(FMLConfig), saved)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{run_dir / 'config.yaml'}: does not fit the current schema: {e}") from e
-    return [r for r in rounds if r["round"] > 0], OmegaConf.to_container(merged)
+    return [r for r in rounds if r["round"] > 0], read_run_config(run_dir / "config.yaml")
 
 
 def _client_acc(record: dict, pid: int, key: str = "personal_acc") -> float | None:
