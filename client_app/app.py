@@ -1,16 +1,13 @@
-"""The ClientApp: FML (and the baselines) on the client's own data partition.
+"""The ClientApp: a thin adapter from Flower messages to the configured method.
 
-``train`` (FML): meme <- global arrays with a fresh optimizer; personalized model and its
-optimizer restored from ``context.state`` (created on first participation with this
-client's architecture); E epochs of deep mutual learning; personalized model stored back;
-reply with the meme's arrays only and metrics holding ``num-examples``.
-
-``evaluate``: the global model and the personalized model on the client's own test part.
+Each message: the run's configuration (with this node's overrides), this client's data
+(one cache, :class:`ClientDataCache`), its store (``context.state``, restored from the
+node's ``state-dir`` when empty), then the method's ``train`` or ``evaluate``
+(:mod:`fml_flower.methods`) and a reply holding what the method sends.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import replace
 from functools import lru_cache
@@ -18,18 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.methods import (
-    TRAINERS,
-    RoundInput,
-    global_model,
-    load_body,
-    personal_arch,
-    personal_identity,
-)
-from client_app.state import has_personal_model, load_personal, restore_from_disk
+from client_app.state import ContextStore, persist_personal, restore_from_disk
 from fml_flower.config import (
     ConfigError,
     DataConfig,
@@ -39,7 +28,10 @@ from fml_flower.config import (
     to_yaml,
     validate,
 )
+from fml_flower.methods import ClientRound, Method, get_method
 from fml_flower.models import build_model, resolve_device
+from fml_flower.personal import PERSONAL
+from fml_flower.settings import RoundSettings
 from fml_flower.tensors import (
     ClientData,
     DatasetInfo,
@@ -47,7 +39,6 @@ from fml_flower.tensors import (
     partition_cache_file,
     save_partition,
 )
-from fml_flower.training import evaluate
 
 if TYPE_CHECKING:
     from fml_flower.data import FederatedImageData
@@ -61,11 +52,11 @@ def _config(run_config_items: tuple[tuple[str, object], ...]) -> FMLConfig:
 
 
 def client_config(context: Context) -> FMLConfig:
-    """The run's validated configuration (built once per process and run-config)."""
+    """The run's validated configuration with this node's overrides."""
     cfg = _config(tuple(sorted(context.run_config.items())))
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
-    return cfg
+    return node_overrides(cfg, context)
 
 
 def partition_of(context: Context) -> tuple[int, int]:
@@ -77,69 +68,6 @@ def partition_of(context: Context) -> tuple[int, int]:
             f"node config lacks {err}; start the SuperNode with --node-config "
             '"partition-id=<i> num-partitions=<n>"'
         ) from err
-
-
-_DATA_CACHE: dict[tuple[str, int, int, str], tuple[ClientData, DatasetInfo]] = {}
-
-
-_DATASETS: dict[tuple[str, int], FederatedImageData] = {}
-
-
-def _federated_data(data: DataConfig, n: int) -> FederatedImageData:
-    """The dataset and its partitioner, once per process (a simulation worker serves many
-    clients, and the partitioner assigns all partitions at once).
-    """
-    from fml_flower.data import federated_data  # the dataset libraries, only here
-
-    key = (to_yaml(data), n)  # type: ignore[arg-type]
-    if key not in _DATASETS:
-        _DATASETS.clear()  # one dataset setting at a time
-        _DATASETS[key] = federated_data(data, n)
-    return _DATASETS[key]
-
-
-def data_fingerprint(cfg: FMLConfig, pid: int, n: int) -> str:
-    """What a client's partition depends on: the data settings, the partition, and for a
-    local folder the names, sizes and modification times of its files.
-    """
-    d = cfg.data
-    parts = [to_yaml(d), f"partition {pid} of {n}"]  # type: ignore[arg-type]
-    if d.source == "local":
-        folder = Path(d.root).expanduser() / d.name
-        for f in sorted(folder.glob("*")):
-            if f.is_file():
-                st = f.stat()
-                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return "\n".join(parts)
-
-
-def client_data(
-    cfg: FMLConfig, pid: int, n: int, cache_dir: Path | None = None
-) -> tuple[ClientData, DatasetInfo]:
-    """This client's train/test tensors on its device.
-
-    Built once per process (kept in memory: simulation workers live for the whole run) and,
-    with a ``cache_dir`` (the node's ``state-dir``), once per node: the ready tensors are
-    written there and read back by later ClientApp processes, which then never import the
-    dataset libraries or re-partition (deployment starts a new process per message).
-    """
-    device = resolve_device(cfg.train.device)
-    data_cfg, pid, n = data_for_client(cfg.data, pid, n)  # its own dataset, if several
-    cfg = replace(cfg, data=data_cfg)
-    key = (to_yaml(cfg.data), pid, n, str(device))  # type: ignore[arg-type]
-    if key not in _DATA_CACHE:
-        loaded, path, fingerprint = None, None, ""
-        if cache_dir is not None:
-            fingerprint = data_fingerprint(cfg, pid, n)
-            path = partition_cache_file(cache_dir, fingerprint, pid)
-            loaded = load_partition(path, fingerprint)
-        if loaded is None:
-            data = _federated_data(cfg.data, n)
-            loaded = (data.client(pid, n), data.info)
-            if path is not None:
-                save_partition(path, loaded[0], loaded[1], fingerprint)
-        _DATA_CACHE[key] = (loaded[0].to(device), loaded[1])
-    return _DATA_CACHE[key]
 
 
 def node_overrides(cfg: FMLConfig, context: Context) -> FMLConfig:
@@ -170,62 +98,148 @@ def state_dir_of(context: Context) -> Path | None:
     return Path(str(value)).expanduser() if value not in (None, "") else None
 
 
-def round_input(msg: Message, context: Context) -> RoundInput:
-    """Configuration, data and the received records of one message.
+class ClientDataCache:
+    """The client side's one cache: a client's ready train/test tensors on its device.
 
-    With a ``state-dir`` and an empty ``context.state`` (a new run or a restarted
-    SuperNode), the personalized model saved on disk is restored first.
+    In memory per process (a simulation worker serves many clients for the whole run; the
+    loaded dataset and its partitioner are kept for the next client of the same setting)
+    and, with a node's ``state-dir``, on disk, where later ClientApp processes read them
+    without importing the dataset libraries or re-partitioning (deployment starts a new
+    process per message). A disk entry is keyed by a fingerprint of the data settings
+    (and, for a local folder, its files' names, sizes and times) and refused on mismatch.
     """
-    cfg = node_overrides(client_config(context), context)
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[str, int, int, str], tuple[ClientData, DatasetInfo]] = {}
+        self._dataset: tuple[tuple[str, int], FederatedImageData] | None = None
+
+    def get(
+        self, cfg: FMLConfig, pid: int, n: int, cache_dir: Path | None
+    ) -> tuple[ClientData, DatasetInfo]:
+        """Client ``pid`` of ``n``'s data (its own dataset's share, if several)."""
+        device = resolve_device(cfg.train.device)
+        data_cfg, pid, n = data_for_client(cfg.data, pid, n)
+        key = (to_yaml(data_cfg), pid, n, str(device))  # type: ignore[arg-type]
+        if key not in self._clients:
+            loaded, path, fingerprint = None, None, ""
+            if cache_dir is not None:
+                fingerprint = self.fingerprint(data_cfg, pid, n)
+                path = partition_cache_file(cache_dir, fingerprint, pid)
+                loaded = load_partition(path, fingerprint)
+            if loaded is None:
+                data = self.dataset(data_cfg, n)
+                loaded = (data.client(pid, n), data.info)
+                if path is not None:
+                    save_partition(path, loaded[0], loaded[1], fingerprint)
+            self._clients[key] = (loaded[0].to(device), loaded[1])
+        return self._clients[key]
+
+    def dataset(self, data: DataConfig, n: int) -> FederatedImageData:
+        """The dataset and its partitioner (the last setting asked for is kept)."""
+        from fml_flower.data import federated_data  # the dataset libraries, only here
+
+        key = (to_yaml(data), n)  # type: ignore[arg-type]
+        if self._dataset is None or self._dataset[0] != key:
+            self._dataset = (key, federated_data(data, n))
+        return self._dataset[1]
+
+    @staticmethod
+    def fingerprint(data: DataConfig, pid: int, n: int) -> str:
+        """What a client's partition depends on."""
+        parts = [to_yaml(data), f"partition {pid} of {n}"]  # type: ignore[arg-type]
+        if data.source == "local":
+            folder = Path(data.root).expanduser() / data.name
+            for f in sorted(folder.glob("*")):
+                if f.is_file():
+                    st = f.stat()
+                    parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        return "\n".join(parts)
+
+
+DATA = ClientDataCache()
+
+
+def personal_identity(cfg: FMLConfig, pid: int, num_partitions: int) -> dict[str, str]:
+    """What a saved personalized model must share with the run that restores it."""
+    d, own_pid, n = data_for_client(cfg.data, pid, num_partitions)
+    split = (
+        f"{d.source}:{d.name}:{d.partitioner}:classes={d.classes_per_client}:"
+        f"dirichlet={d.dirichlet_alpha}:test={d.test_fraction}:seed={d.seed}:"
+        f"clients={num_partitions}"
+    )
+    if d.partitioner == "shard":
+        split += f":shards={d.shards_per_client}"
+    if cfg.data.name_per_client:  # several datasets: the client's share of its own
+        split += f":{n} clients of {d.name}, share {own_pid}"
+    return {"method": cfg.train.method, "data split": split}
+
+
+def client_round(msg: Message, context: Context) -> tuple[ClientRound, Method, dict[str, float]]:
+    """The method's view of this message: settings, received arrays, data, store.
+
+    With a ``state-dir`` and an empty store (a new run or a restarted SuperNode), the
+    personalized model saved on disk is restored first.
+    """
+    cfg = client_config(context)
+    method = get_method(cfg.train.method)
     pid, n = partition_of(context)
     state_dir = state_dir_of(context)
-    data, info = client_data(cfg, pid, n, state_dir)
-    inp = RoundInput(
-        cfg,
-        context,
-        pid,
-        n,
-        data,
-        info,
-        msg.content["arrays"],
-        msg.content["config"],
-        state_dir=state_dir,
+    data, info = DATA.get(cfg, pid, n, state_dir)
+    store = ContextStore(context.state)
+    notes: dict[str, float] = {}
+    arch = method.personal_arch(cfg, pid)
+    if state_dir is not None and arch is not None and not store.has(PERSONAL):
+        restored = restore_from_disk(store, state_dir, pid, arch, personal_identity(cfg, pid, n))
+        notes["personal_restored_from_disk"] = float(restored)
+    config = msg.content["config"]
+    is_train = msg.metadata.message_type == "train"
+    settings = (
+        RoundSettings.from_config(config)  # type: ignore[arg-type]
+        if is_train
+        else RoundSettings.for_evaluation(config)  # type: ignore[arg-type]
     )
-    if inp.state_dir is not None and not has_personal_model(context):
-        restored = restore_from_disk(
-            context, inp.state_dir, pid, personal_arch(cfg, pid), personal_identity(cfg, pid, n)
+    private_keys: list[str] = []
+    if method.supports_private_patterns and cfg.model.private_patterns:  # FML's private head
+        meme = build_model(cfg.model.meme, info.input_shape, info.num_classes)
+        private_keys = method.private_keys(cfg, meme)
+    r = ClientRound(
+        cfg=cfg,
+        partition_id=pid,
+        settings=settings,
+        received=msg.content["arrays"].to_torch_state_dict(),  # type: ignore[union-attr]
+        data=data,
+        info=info,
+        store=store,
+        private_keys=private_keys,
+    )
+    return r, method, notes
+
+
+def persist(r: ClientRound, context: Context, n: int) -> None:
+    """With a ``state-dir``, the personalized model goes to disk after every round."""
+    state_dir = state_dir_of(context)
+    if state_dir is not None:
+        persist_personal(
+            ContextStore(context.state),
+            state_dir,
+            r.partition_id,
+            personal_identity(r.cfg, r.partition_id, n),
         )
-        inp.notes["personal_restored_from_disk"] = float(restored)
-    return inp
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of the configured method on this client."""
     t0 = time.perf_counter()
-    inp = round_input(msg, context)
+    r, method, notes = client_round(msg, context)
     t1 = time.perf_counter()
-    arrays, metrics = TRAINERS[inp.cfg.train.method](inp)
-    inp.notes.update(
-        setup_seconds=t1 - t0,
-        train_seconds=time.perf_counter() - t1,
-        torch_threads=torch.get_num_threads(),
-        worker_pid=os.getpid(),  # which simulation worker (process) ran this client
-    )
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(
-                {
-                    **metrics,
-                    **inp.notes,
-                    "num-examples": len(inp.data.train),
-                    "partition_id": inp.pid,
-                }
-            )
-        }
-    )
+    arrays, metrics = method.train(r)
+    persist(r, context, partition_of(context)[1])
+    notes.update(setup_seconds=t1 - t0, train_seconds=time.perf_counter() - t1)
+    reply = {**metrics, **notes, "num-examples": len(r.data.train), "partition_id": r.partition_id}
+    content = RecordDict({"metrics": MetricRecord(reply)})
     if arrays is not None:
-        content["arrays"] = arrays
+        content["arrays"] = ArrayRecord(arrays)
     return Message(content=content, reply_to=msg)
 
 
@@ -240,24 +254,11 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
-def evaluate_models(msg: Message, context: Context) -> Message:
-    """Global and personalized model on this client's own test part."""
+def evaluate(msg: Message, context: Context) -> Message:
+    """The method's models on this client's own test part."""
     t0 = time.perf_counter()
-    inp = round_input(msg, context)
-    cfg, test, method = inp.cfg, inp.data.test, inp.cfg.train.method
-    metrics: dict[str, float | int] = {"num-examples": len(test), "partition_id": inp.pid}
-    if method in ("fml", "fedavg", "fedprox", "ditto"):
-        g = evaluate(global_model(inp), test.x, test.y)
-        metrics.update(global_acc=g.accuracy, global_loss=g.loss)
-    if method in ("fedavg", "fedprox"):  # the global model is what these clients use
-        metrics.update(personal_acc=metrics["global_acc"], personal_loss=metrics["global_loss"])
-    elif has_personal_model(context):
-        arch = personal_arch(cfg, inp.pid)
-        personal = build_model(arch, inp.info.input_shape, inp.info.num_classes).to(inp.device)
-        load_personal(context, personal, None, arch)
-        if method == "fedper":  # today's body with the client's own head
-            load_body(personal, inp.arrays)
-        p = evaluate(personal, test.x, test.y)
-        metrics.update(personal_acc=p.accuracy, personal_loss=p.loss)
-    metrics.update(eval_seconds=time.perf_counter() - t0, worker_pid=os.getpid())
+    r, method, _ = client_round(msg, context)
+    metrics: dict[str, float] = {"num-examples": len(r.test), "partition_id": r.partition_id}
+    metrics.update(method.evaluate(r))
+    metrics["eval_seconds"] = time.perf_counter() - t0
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,72 +1,65 @@
-"""Keep a client's personalized model and its optimizer in Flower's ``context.state``.
+"""A client's slots (:mod:`fml_flower.personal`) in Flower's ``context.state`` and on disk.
 
 ``context.state`` persists per node across the rounds of a run (and travels with every
-message in simulation), so it holds only what must persist: the model's state dict
-(an ArrayRecord), the optimizer's state (momentum buffers, serialized with
-``torch.save``) and a little metadata to refuse a mismatched model.
+message in simulation), so it holds only what must persist: each slot's state dict (an
+ArrayRecord) and a ConfigRecord with its optimizer state (``torch.save`` bytes), its
+architecture signature and name, and how many rounds it has been trained.
 
-With a node-local ``state-dir`` (node config), the same is also written to disk after
-every round and read back when ``context.state`` is empty (a new run, a restarted
-SuperNode), so a client never loses its personalized model.
+With a node-local ``state-dir`` (node config), the personalized model is also written to
+disk after every round (atomically, checksummed) and read back when ``context.state`` is
+empty (a new run, a restarted SuperNode), so a client never loses it.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
-from torch import nn
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fml_flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fml_flower.models import cpu_state_dict
-
-MODEL_KEY = "fml.personal.model"
-OPTIMIZER_KEY = "fml.personal.optimizer"
-META_KEY = "fml.personal.meta"
+from fml_flower.personal import PERSONAL, SavedModel, architecture_signature
 
 
-def has_personal_model(context: Context) -> bool:
-    """Whether this node already holds a personalized model."""
-    return MODEL_KEY in context.state
+def _keys(slot: str) -> tuple[str, str]:
+    return f"fml.{slot}.model", f"fml.{slot}.meta"
 
 
-def save_personal(
-    context: Context, model: nn.Module, optimizer: torch.optim.Optimizer | None, arch: str
-) -> None:
-    """Store ``model`` (parameters and buffers) and ``optimizer``'s state in the context."""
-    rounds = int(context.state[META_KEY]["rounds_trained"]) if META_KEY in context.state else 0
-    context.state[MODEL_KEY] = ArrayRecord(cpu_state_dict(model))
-    if optimizer is not None:
-        buffer = io.BytesIO()
-        torch.save(optimizer.state_dict(), buffer)
-        context.state[OPTIMIZER_KEY] = ConfigRecord({"state": buffer.getvalue()})
-    context.state[META_KEY] = ConfigRecord({"arch": arch, "rounds_trained": rounds + 1})
+class ContextStore:
+    """A :class:`~fml_flower.personal.PersonalStore` over a node's ``context.state``."""
 
+    def __init__(self, state: RecordDict) -> None:
+        self.state = state
 
-def load_personal(
-    context: Context, model: nn.Module, optimizer: torch.optim.Optimizer | None, arch: str
-) -> int:
-    """Load the stored personalized model (and optimizer state) into ``model``.
+    def has(self, slot: str = PERSONAL) -> bool:
+        """Whether ``slot`` holds a model."""
+        return _keys(slot)[0] in self.state
 
-    Returns the number of rounds it has been trained. Raises ``RuntimeError`` if the
-    stored model was built for another architecture: silently starting fresh would
-    throw away the client's training.
-    """
-    meta = context.state[META_KEY]
-    if meta["arch"] != arch:
-        raise RuntimeError(
-            f"the stored personalized model is a '{meta['arch']}', but this client is "
-            f"configured for '{arch}'; refusing to replace it"
+    def load(self, slot: str) -> SavedModel | None:
+        """The saved model of ``slot``, or None."""
+        model_key, meta_key = _keys(slot)
+        if model_key not in self.state:
+            return None
+        meta = self.state[meta_key]
+        return SavedModel(
+            state=self.state[model_key].to_torch_state_dict(),
+            optimizer=bytes(meta["optimizer"]),  # type: ignore[arg-type]
+            signature=str(meta["signature"]),
+            arch=str(meta["arch"]),
+            rounds_trained=int(meta["rounds_trained"]),  # type: ignore[arg-type]
         )
-    model.load_state_dict(context.state[MODEL_KEY].to_torch_state_dict())
-    if optimizer is not None and OPTIMIZER_KEY in context.state:
-        blob = context.state[OPTIMIZER_KEY]["state"]
-        optimizer.load_state_dict(
-            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        )  # type: ignore[arg-type]
-    return int(meta["rounds_trained"])  # type: ignore[arg-type]
+
+    def save(self, slot: str, saved: SavedModel) -> None:
+        """Keep ``saved`` in ``slot``."""
+        model_key, meta_key = _keys(slot)
+        self.state[model_key] = ArrayRecord(saved.state)
+        self.state[meta_key] = ConfigRecord(
+            {
+                "optimizer": saved.optimizer,
+                "signature": saved.signature,
+                "arch": saved.arch,
+                "rounds_trained": saved.rounds_trained,
+            }
+        )
 
 
 # --------------------------------------------------------------- durable copy on disk
@@ -78,22 +71,22 @@ def personal_file(state_dir: Path, partition_id: int) -> Path:
 
 
 def persist_personal(
-    context: Context, state_dir: Path, partition_id: int, identity: dict[str, str]
-) -> Path:
-    """Write the personalized model held in ``context.state`` to ``state_dir`` atomically.
+    store: ContextStore, state_dir: Path, partition_id: int, identity: dict[str, str]
+) -> Path | None:
+    """Write the personalized model held in ``store`` to ``state_dir`` atomically.
 
     ``identity`` (e.g. the method and the data split) is stored with it and must match
-    when the model is restored.
+    when the model is restored. Returns None if there is no personalized model.
     """
-    meta = context.state[META_KEY]
+    saved = store.load(PERSONAL)
+    if saved is None:
+        return None
     payload = {
         "identity": dict(identity),
-        "model": context.state[MODEL_KEY].to_torch_state_dict(),
-        "optimizer": context.state[OPTIMIZER_KEY]["state"]
-        if OPTIMIZER_KEY in context.state
-        else b"",
-        "arch": meta["arch"],
-        "rounds_trained": int(meta["rounds_trained"]),  # type: ignore[arg-type]
+        "model": saved.state,
+        "optimizer": saved.optimizer,
+        "arch": saved.arch,
+        "rounds_trained": saved.rounds_trained,
         "partition_id": partition_id,
     }
     path = personal_file(state_dir, partition_id)
@@ -102,13 +95,13 @@ def persist_personal(
 
 
 def restore_from_disk(
-    context: Context, state_dir: Path, partition_id: int, arch: str, identity: dict[str, str]
+    store: ContextStore, state_dir: Path, partition_id: int, arch: str, identity: dict[str, str]
 ) -> bool:
-    """Put the personalized model saved in ``state_dir`` into an empty ``context.state``.
+    """Put the personalized model saved in ``state_dir`` into an empty ``store``.
 
     Returns False when there is no file (a client's first round ever). A corrupt file,
     or one saved for another partition, architecture or run identity (method, data split),
-    raises instead of letting the client start afresh or mix runs.
+    raises :class:`CheckpointError` instead of letting the client start afresh or mix runs.
     """
     path = personal_file(state_dir, partition_id)
     if not path.exists():
@@ -132,10 +125,14 @@ def restore_from_disk(
                 f"'{value}'; refusing to mix them (give this run another state-dir to start "
                 "fresh personalized models)"
             )
-    context.state[MODEL_KEY] = ArrayRecord(payload["model"])
-    if payload["optimizer"]:
-        context.state[OPTIMIZER_KEY] = ConfigRecord({"state": payload["optimizer"]})
-    context.state[META_KEY] = ConfigRecord(
-        {"arch": arch, "rounds_trained": int(payload["rounds_trained"])}
+    store.save(
+        PERSONAL,
+        SavedModel(
+            state=payload["model"],
+            optimizer=payload["optimizer"],
+            signature=architecture_signature(payload["model"]),
+            arch=arch,
+            rounds_trained=int(payload["rounds_trained"]),
+        ),
     )
     return True

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fml_flower.models import is_known_model
@@ -35,8 +35,8 @@ CONF_DIR = _conf_dir()
 
 SOURCES = ("embedded", "local", "huggingface")
 EMBEDDED_DATASETS = ("mnist5k",)
-PARTITIONERS = ("iid", "pathological", "dirichlet")
-METHODS = ("fml", "fedavg", "fedprox", "local", "ditto", "fedper")
+PARTITIONERS = ("iid", "pathological", "shard", "dirichlet")
+LAST_BATCH = ("keep", "drop", "merge")
 UPDATES = ("simultaneous", "sequential")
 
 
@@ -65,7 +65,14 @@ class DataConfig:
     test_split: str = "test"
     partitioner: str = "pathological"
     classes_per_client: int = 2
-    """pathological: number of classes each client holds."""
+    """pathological: number of classes each client holds (flwr-datasets'
+    ``PathologicalPartitioner``, ``first-deterministic``: client i gets class i mod C plus
+    random others, so with few clients some classes may reach nobody; the coverage check
+    refuses such a split)."""
+    shards_per_client: int = 2
+    """shard: McMahan et al.'s shards (``ShardPartitioner``): the training split sorted by
+    label, cut into ``clients x shards_per_client`` shards, each client gets that many
+    random shards; every example is used."""
     dirichlet_alpha: float = 0.5
     min_partition_size: int = 10
     """dirichlet: resample until every client has at least this many examples."""
@@ -76,6 +83,10 @@ class DataConfig:
     split are kept, the client's test part and the central test set are unchanged. For runs
     cut to fit a CPU; results made with a cap must say so."""
     seed: int = 42
+    allow_missing_classes: bool = False
+    """Before training, the server checks that the clients' train parts together hold every
+    class of the dataset and stops, naming the missing classes, when they do not. Set true
+    only for a split that leaves classes out on purpose."""
     mean: list[float] = field(default_factory=list)
     """Per-channel normalization; empty = computed from the pooled training split."""
     std: list[float] = field(default_factory=list)
@@ -145,6 +156,12 @@ class TrainConfig:
     """Optional alpha per learning-rate stage (stage k = rounds after k decays)."""
     beta_schedule: list[float] = field(default_factory=list)
     """Optional beta per learning-rate stage, e.g. [0.1, 0.5, 0.9]."""
+    last_batch: str = "keep"
+    """What an epoch does with its last, incomplete batch: ``keep`` (a step on the
+    remainder, however small), ``drop`` (no step on it; those examples are seen in other
+    epochs, the order being reshuffled) or ``merge`` (into the previous batch, one step on
+    up to ``2 x batch_size - 1`` examples). A client with fewer examples than one batch
+    always takes one step on all of them."""
     update: str = "simultaneous"
     """FML: ``simultaneous`` (both models step on the same batch) or ``sequential`` (DML)."""
     proximal_mu: float = 0.01
@@ -245,18 +262,6 @@ def _load_yaml(path: Path) -> DictConfig:
     return node
 
 
-def _coerce_override(key: str, value: Any, schema: DictConfig) -> Any:
-    """Strings given for list/dict keys on the command line are parsed as YAML."""
-    leaves = _schema_leaves(schema)
-    if key in leaves and isinstance(value, str):
-        if OmegaConf.is_list(leaves[key]) or OmegaConf.is_dict(leaves[key]):
-            try:
-                return yaml.safe_load(value)
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{key}: cannot parse '{value}' as a list/mapping") from err
-    return value
-
-
 def load_config(
     experiment: str = "base",
     overrides: Mapping[str, Any] | None = None,
@@ -285,15 +290,7 @@ def load_config(
     layers = [_load_yaml(conf_dir / "base.yaml")]
     if experiment != "base":
         layers.append(_load_yaml(conf_dir / f"{experiment}.yaml"))
-    dotlist = OmegaConf.create()
-    for key, value in (overrides or {}).items():
-        if key not in config_keys():
-            raise ConfigError(f"{key}: unknown configuration key; known keys: {config_keys()}")
-        try:
-            OmegaConf.update(dotlist, key, _coerce_override(key, value, schema), force_add=True)
-            OmegaConf.merge(schema, dotlist)
-        except (OmegaConfBaseException, TypeError, ValueError) as err:
-            raise ConfigError(f"{key}: cannot use {value!r} ({err})") from err
+    dotlist = parse_overrides(overrides or {}, schema)
     try:
         merged = OmegaConf.merge(schema, *layers, dotlist)
         merged.experiment = experiment
@@ -307,15 +304,76 @@ def load_config(
     return cfg
 
 
+def parse_overrides(overrides: Mapping[str, Any], schema: DictConfig | None = None) -> DictConfig:
+    """Dotted overrides (``{"train.alpha": 0.3, "train.beta_schedule": "[0.1, 0.9]"}``) as
+    a config, parsed by omegaconf's own dotlist grammar (so lists and mappings may be given
+    as YAML text) and checked key by key against the schema.
+    """
+    schema = schema if schema is not None else OmegaConf.structured(FMLConfig)
+    known = config_keys()
+    out = OmegaConf.create()
+    for key, value in overrides.items():
+        if key not in known:
+            raise ConfigError(f"{key}: unknown configuration key; known keys: {known}")
+        text = value if isinstance(value, str) else _toml_scalar(value)
+        try:
+            node = OmegaConf.from_dotlist([f"{key}={text}"])
+            OmegaConf.merge(schema, node)
+        except (OmegaConfBaseException, TypeError, ValueError) as err:
+            raise ConfigError(f"{key}: cannot use {value!r} ({err})") from err
+        out = OmegaConf.merge(out, node)
+    return out  # type: ignore[return-value]
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def run_config_defaults() -> dict[str, Any]:
+    """The run-config that mirrors ``conf/base.yaml`` in ``pyproject.toml``: every schema
+    key with its base value (lists and mappings as YAML text). A test keeps the two equal.
+    """
+    base = OmegaConf.merge(OmegaConf.structured(FMLConfig), _load_yaml(CONF_DIR / "base.yaml"))
+    out: dict[str, Any] = {}
+    for key, value in _schema_leaves(base).items():
+        if key == "experiment":
+            continue
+        if isinstance(value, DictConfig | ListConfig):
+            text = yaml.safe_dump(OmegaConf.to_container(value), default_flow_style=True)
+            out[key] = text.strip()
+        else:
+            out[key] = value
+    return out
+
+
 def config_from_run_config(run_config: Mapping[str, Any]) -> FMLConfig:
     """Configuration from Flower's run-config.
 
-    ``experiment`` picks the YAML file; every other key is a dotted override, where an
-    empty string means "not set here: keep the experiment's value".
+    ``experiment`` picks the YAML file laid over ``conf/base.yaml``. Every other key is a
+    dotted override. ``pyproject.toml`` lists every key with its ``conf/base.yaml`` value
+    (Flower shows and merges run-config defaults from there); a value equal to that
+    default is what Flower passes when the user did not set the key, so it does not
+    override the experiment file: only values that differ from ``base.yaml`` do. An
+    empty string also means "not set here".
     """
     experiment = str(run_config.get("experiment", "base") or "base")
-    overrides = {k: v for k, v in run_config.items() if k != "experiment" and v != ""}
+    defaults = run_config_defaults()
+    overrides = {
+        k: v
+        for k, v in run_config.items()
+        if k != "experiment" and v != "" and not (k in defaults and _same(defaults[k], v))
+    }
     return load_config(experiment, overrides)
+
+
+def _same(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return default is value
+    if isinstance(default, int | float) and isinstance(value, int | float):
+        return float(default) == float(value)
+    return str(default) == str(value)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -341,6 +399,7 @@ def validate(cfg: FMLConfig) -> None:
         _check(bool(d.name), "data.name", "must be a Hugging Face dataset id or builder")
     _check_choice(d.partitioner, "data.partitioner", PARTITIONERS)
     _check(d.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
+    _check(d.shards_per_client >= 1, "data.shards_per_client", "must be >= 1")
     _check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
     _check(d.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
     _check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
@@ -382,13 +441,17 @@ def validate(cfg: FMLConfig) -> None:
             raise ConfigError(
                 f"model.private_patterns: '{pattern}' is not a regex ({err})"
             ) from err
+    from fml_flower.methods import METHODS  # the registry imports this module
+
+    _check_choice(t.method, "train.method", tuple(METHODS))
     _check(
-        not m.private_patterns or t.method == "fml",
+        not m.private_patterns or METHODS[t.method].supports_private_patterns,
         "model.private_patterns",
-        "is supported for train.method=fml (FedPer keeps its head private by itself)",
+        f"is not supported by train.method={t.method} (FedPer and FedRep keep their head "
+        "private by themselves)",
     )
-    _check_choice(t.method, "train.method", METHODS)
     _check_choice(t.update, "train.update", UPDATES)
+    _check_choice(t.last_batch, "train.last_batch", LAST_BATCH)
     _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.lr > 0, "train.lr", "must be > 0")
@@ -403,6 +466,20 @@ def validate(cfg: FMLConfig) -> None:
         ("train.beta_schedule", t.beta_schedule),
     ]:
         _check(all(0 <= v <= 1 for v in sched), key, f"{sched} has values outside [0, 1]")
+        _check(
+            len(sched) <= 1 or t.lr_decay_every > 0,
+            key,
+            f"{sched} gives one value per learning-rate stage, but train.lr_decay_every=0 "
+            "makes a single stage (the schedule would stay at its first value): set "
+            "train.lr_decay_every > 0",
+        )
+        stages = 1 + (f.num_rounds - 1) // t.lr_decay_every if t.lr_decay_every > 0 else 1
+        _check(
+            len(sched) <= stages,
+            key,
+            f"{sched} has {len(sched)} values but federation.num_rounds={f.num_rounds} with "
+            f"train.lr_decay_every={t.lr_decay_every} has {stages} stage(s)",
+        )
     _check(t.proximal_mu >= 0, "train.proximal_mu", "must be >= 0")
     _check(t.ditto_lambda >= 0, "train.ditto_lambda", "must be >= 0")
     _check(

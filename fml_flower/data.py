@@ -22,6 +22,7 @@ central test set of the global model.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
     PathologicalPartitioner,
+    ShardPartitioner,
 )
 from flwr_datasets.partitioner.partitioner import Partitioner
 from PIL import Image
@@ -172,6 +174,14 @@ def make_partitioner(cfg: DataConfig, num_partitions: int) -> Partitioner:
             class_assignment_mode="first-deterministic",
             seed=cfg.seed,
         )
+    if cfg.partitioner == "shard":
+        return ShardPartitioner(
+            num_partitions=num_partitions,
+            partition_by=cfg.label_key,
+            num_shards_per_partition=cfg.shards_per_client,
+            shuffle=True,
+            seed=cfg.seed,
+        )
     if cfg.partitioner == "dirichlet":
         return DirichletPartitioner(
             num_partitions=num_partitions,
@@ -253,18 +263,90 @@ def partition_indices(
     return np.asarray(train["index"]), np.asarray(test["index"])
 
 
-def check_partitions(labels: np.ndarray, cfg: DataConfig, num_partitions: int) -> list[int]:
-    """Sizes of all partitions; raises :class:`ConfigError` if any client would get too
-    few examples for its own train/test split.
+@dataclass(frozen=True)
+class SplitReport:
+    """What the clients' own parts hold: checked before training, kept in the results.
+
+    ``class_counts[pid][c]`` is the number of training examples of class ``c`` in client
+    ``pid``'s train part; ``split_hashes[pid]`` is a SHA-256 of the indices (into the
+    pooled training split, in file order) of its train and test parts, so that another
+    implementation can check that it uses the same split.
+    """
+
+    sizes: list[int]
+    """Partition sizes (train + test part) per client."""
+    class_counts: list[dict[int, int]]
+    split_hashes: list[dict[str, str]]
+    num_classes: int
+
+    def missing_classes(self) -> list[int]:
+        """Classes of the dataset that no client's train part holds."""
+        seen = {c for counts in self.class_counts for c, n in counts.items() if n > 0}
+        return sorted(set(range(self.num_classes)) - seen)
+
+    def as_record(self) -> dict:
+        """The report as plain JSON-able values (for ``metrics.json``)."""
+        return {
+            "partition_sizes": self.sizes,
+            "train_class_counts": {
+                str(pid): {str(c): n for c, n in sorted(cc.items())}
+                for pid, cc in enumerate(self.class_counts)
+            },
+            "split_hashes": {str(pid): h for pid, h in enumerate(self.split_hashes)},
+            "missing_classes": self.missing_classes(),
+        }
+
+
+def _index_hash(indices: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def split_report(labels: np.ndarray, cfg: DataConfig, num_partitions: int) -> SplitReport:
+    """Every client's train/test split of ``labels``: sizes, class counts and index hashes.
+
+    Raises :class:`ConfigError` if a client would get too few examples for its own split.
     """
     _check_partition_id(0, num_partitions)
     partitioner = _partitioner_over(labels, cfg, num_partitions)
-    sizes = []
+    sizes, counts, hashes = [], [], []
     for pid in range(num_partitions):
-        part = _load_partition(partitioner, cfg, num_partitions, pid)
-        _split_partition(part, cfg, pid)
-        sizes.append(len(part))
-    return sizes
+        tr, te = partition_indices(labels, cfg, num_partitions, pid, partitioner)
+        sizes.append(len(tr) + len(te))
+        values, n = np.unique(labels[tr], return_counts=True)
+        counts.append({int(c): int(k) for c, k in zip(values, n, strict=True)})
+        hashes.append({"train": _index_hash(tr), "test": _index_hash(te)})
+    return SplitReport(sizes, counts, hashes, int(labels.max()) + 1)
+
+
+def check_coverage(report: SplitReport, cfg: DataConfig, num_partitions: int, name: str) -> None:
+    """Raise :class:`ConfigError` when the clients' train parts together miss a class,
+    unless ``data.allow_missing_classes`` says that is intended.
+    """
+    missing = report.missing_classes()
+    if missing and not cfg.allow_missing_classes:
+        raise ConfigError(
+            f"data split: classes {missing} of '{name}' reach no client's train part with "
+            f"data.partitioner='{cfg.partitioner}' over {num_partitions} clients "
+            f"({_partitioner_settings(cfg)}); this split cannot be trusted as a benchmark. "
+            "Choose another partitioner or its settings (e.g. 'shard' for McMahan's "
+            "shards), or set data.allow_missing_classes=true if it is intended"
+        )
+
+
+def _partitioner_settings(cfg: DataConfig) -> str:
+    if cfg.partitioner == "pathological":
+        return (
+            f"classes_per_client={cfg.classes_per_client}, "
+            f"class_assignment_mode='first-deterministic', seed={cfg.seed}"
+        )
+    if cfg.partitioner == "shard":
+        return f"shards_per_client={cfg.shards_per_client}, seed={cfg.seed}"
+    if cfg.partitioner == "dirichlet":
+        return (
+            f"dirichlet_alpha={cfg.dirichlet_alpha}, "
+            f"min_partition_size={cfg.min_partition_size}, seed={cfg.seed}"
+        )
+    return f"seed={cfg.seed}"
 
 
 def _check_partition_id(partition_id: int, num_partitions: int) -> None:
@@ -356,13 +438,14 @@ class FederatedImageData:
             self._tensors(_from_hf(test, self.cfg.image_key, self.cfg.label_key, where)),
         )
 
-    def check_partitions(self, num_partitions: int) -> list[int] | None:
-        """Partition sizes for ``num_partitions`` clients (None for hub datasets, whose
-        partitions are only loaded on the clients); raises :class:`ConfigError`.
+    def split_report(self, num_partitions: int) -> SplitReport | None:
+        """Sizes, class counts and index hashes of every client's parts (None for hub
+        datasets, whose partitions are only loaded on the clients); raises
+        :class:`ConfigError` if a client would get too few examples.
         """
         if self._train is None or self._fds is not None:
             return None
-        return check_partitions(self._train.y, self.cfg, num_partitions)
+        return split_report(self._train.y, self.cfg, num_partitions)
 
     def central_test(self) -> TensorSplit:
         """The dataset's test split, for the global model."""
@@ -407,11 +490,14 @@ def federated_data(cfg: DataConfig, num_partitions: int) -> FederatedImageData:
 
 def check_client_datasets(
     cfg: DataConfig, num_partitions: int, central: FederatedImageData
-) -> dict[str, list[int] | None]:
-    """A federation of several datasets (``data.name_per_client``): every dataset must
+) -> dict[str, SplitReport | None]:
+    """Check the split of every dataset the clients hold, before any training.
+
+    With ``data.name_per_client`` (a federation of several datasets) every dataset must
     feed the clients that hold it and fit the shared model's input and classes (those of
-    the central dataset ``central``). Returns each dataset's partition sizes; raises
-    :class:`ConfigError` naming the problem.
+    the central dataset ``central``). Every dataset's clients together must cover all of
+    its classes (see :func:`check_coverage`). Returns each dataset's
+    :class:`SplitReport`; raises :class:`ConfigError` naming the problem.
     """
     late = sorted(pid for pid in cfg.name_per_client if pid >= num_partitions)
     if late:
@@ -422,7 +508,7 @@ def check_client_datasets(
     for pid in range(num_partitions):
         own, _, n = data_for_client(cfg, pid, num_partitions)
         groups[own.name] = (own, n)
-    sizes: dict[str, list[int] | None] = {}
+    reports: dict[str, SplitReport | None] = {}
     for name, (own, n) in groups.items():
         data = central if name == cfg.name and n == num_partitions else federated_data(own, n)
         if data.info.input_shape != central.info.input_shape:
@@ -435,5 +521,8 @@ def check_client_datasets(
                 f"data.name_per_client: '{name}' has {data.info.num_classes} classes, the "
                 f"shared model outputs {central.info.num_classes} ('{cfg.name}')"
             )
-        sizes[name] = data.check_partitions(n)
-    return sizes
+        report = data.split_report(n)
+        if report is not None:
+            check_coverage(report, own, n, name)
+        reports[name] = report
+    return reports

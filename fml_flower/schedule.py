@@ -8,6 +8,7 @@ schedule beta 0.1 -> 0.5 -> 0.9 tied to the learning-rate decay.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fml_flower.config import TrainConfig
@@ -39,3 +40,21 @@ def round_settings(train: TrainConfig, server_round: int) -> RoundSettings:
         alpha=pick(train.alpha_schedule, train.alpha),
         beta=pick(train.beta_schedule, train.beta),
     )
+
+
+def lr_schedule(train: TrainConfig) -> float | Callable[[int], float]:
+    """``train.lr``, decayed by ``lr_decay_gamma`` every ``lr_decay_every`` rounds."""
+    if train.lr_decay_every <= 0:
+        return train.lr
+    lr, gamma, every = train.lr, train.lr_decay_gamma, train.lr_decay_every
+    return lambda r: lr * gamma ** stage(r, every)
+
+
+def stage_schedule(
+    values: list[float], constant: float, decay_every: int
+) -> float | Callable[[int], float]:
+    """``constant``, or one value of ``values`` per learning-rate stage (the last kept)."""
+    if not values:
+        return constant
+    values = list(values)
+    return lambda r: values[min(stage(r, decay_every), len(values) - 1)]

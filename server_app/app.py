@@ -17,12 +17,13 @@ from flwr.serverapp import Grid, ServerApp
 from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to_yaml
 from fml_flower.data import check_client_datasets, federated_data
+from fml_flower.methods import get_method
 from fml_flower.models import build_model, cpu_state_dict
 from fml_flower.results import RunRecorder, plot_run, summary_table
 from server_app.grid import PollingGrid
-from server_app.methods import make_strategy, private_keys_of
 from server_app.participants import PartitionJoins
 from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
+from server_app.strategy import make_strategy
 
 app = ServerApp()
 
@@ -87,19 +88,18 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     results folder is created and before any client trains.
     """
     t0 = time.monotonic()
+    method = get_method(cfg.train.method)
     random.seed(cfg.seed)  # Flower samples nodes with the random module: make it reproducible
     resume = resume_point(cfg)
     num_nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.round_timeout)
     data = federated_data(cfg.data, num_nodes)
-    if cfg.data.name_per_client:
-        sizes = check_client_datasets(cfg.data, num_nodes, data)
-    else:
-        sizes = data.check_partitions(num_nodes)
+    reports = check_client_datasets(cfg.data, num_nodes, data)  # stops a split missing a class
+    split = {name: r.as_record() if r else None for name, r in reports.items()}
     meme = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes, seed=cfg.seed)
     offset = 0
     if resume is not None:
         result = meme.load_state_dict(resume.arrays, strict=False)
-        private = set(private_keys_of(cfg, meme))
+        private = set(method.private_keys(cfg, meme))
         if set(result.missing_keys) - private or result.unexpected_keys:
             raise ConfigError(
                 f"federation.resume_from: the checkpoint does not fit model.meme "
@@ -113,7 +113,7 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         joins = PartitionJoins(
             grid, cfg.federation.join_round, cfg.federation.round_timeout, round_offset=offset
         )
-        joins(list(grid.get_node_ids()))
+        joins.rounds_of(list(grid.get_node_ids()))
         joins.check_known()
     run_dir = run_dir_for(cfg)
     recorder = RunRecorder(
@@ -123,7 +123,8 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
             "method": cfg.train.method,
             "started": datetime.now().isoformat(timespec="seconds"),
             "num_nodes": num_nodes,
-            "partition_sizes": sizes,
+            "split": split,
+            "last_batch": cfg.train.last_batch,
             "input_shape": list(data.info.input_shape),
             "num_classes": data.info.num_classes,
             "resumed_from": str(resume.source) if resume else None,
@@ -147,10 +148,8 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         run_dir,
     )
 
-    strategy = make_strategy(
-        cfg, private_keys_of(cfg, meme), round_offset=offset, join_rounds_fn=joins
-    )
-    strategy.start(
+    strategy = make_strategy(cfg, method, meme, round_offset=offset, participation=joins)
+    result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(cpu_state_dict(meme)),
         num_rounds=cfg.federation.num_rounds - offset,
@@ -158,11 +157,13 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
         evaluate_fn=CentralEvaluation(
-            cfg, data, strategy, recorder, round_offset=offset, resumed=resume is not None
+            cfg, method, data, strategy, recorder, round_offset=offset, resumed=resume is not None
         ),
     )
     recorder.finish(
-        finished=datetime.now().isoformat(timespec="seconds"), seconds=time.monotonic() - t0
+        finished=datetime.now().isoformat(timespec="seconds"),
+        seconds=time.monotonic() - t0,
+        rounds_completed=len(result.train_metrics_clientapp),
     )
     if cfg.output.plot:
         plot_run(run_dir)

@@ -52,7 +52,7 @@ def query_partition_ids(
 
 class PartitionJoins:
     """``federation.join_round`` (partition id -> absolute round) as the strategy's
-    ``join_rounds_fn``: connected node ids -> round of this run in which each takes part.
+    ``participation``: the connected nodes that have joined by a round of this run.
 
     A resumed run counts its rounds after ``round_offset``. Raises if two connected nodes
     hold the same partition or nodes disagree on the number of partitions.
@@ -67,7 +67,12 @@ class PartitionJoins:
         self.round_offset = round_offset
         self.partitions: dict[int, tuple[int, int]] = {}
 
-    def __call__(self, node_ids: list[int]) -> dict[int, int]:
+    def __call__(self, server_round: int, node_ids: list[int]) -> list[int]:
+        """The nodes among ``node_ids`` that take part in ``server_round`` (of this run)."""
+        rounds = self.rounds_of(node_ids)
+        return [node for node in node_ids if rounds[node] <= server_round]
+
+    def rounds_of(self, node_ids: list[int]) -> dict[int, int]:
         """Node id -> join round (of this run) for the connected ``node_ids``."""
         new = [n for n in node_ids if n not in self.partitions]
         if new:

@@ -12,11 +12,10 @@ from flwr.common.logger import log
 from fml_flower.checkpoint import save_checkpoint
 from fml_flower.config import FMLConfig
 from fml_flower.data import FederatedImageData
+from fml_flower.methods import Method
 from fml_flower.models import build_model, resolve_device
 from fml_flower.results import RunRecorder
-from fml_flower.schedule import round_settings
 from fml_flower.training import evaluate
-from server_app.methods import has_complete_global_model
 from strategies.robust import RobustFedAvg
 
 CHECKPOINT_NAME = "checkpoint.ckpt"
@@ -62,6 +61,7 @@ class CentralEvaluation:
     def __init__(
         self,
         cfg: FMLConfig,
+        method: Method,
         data: FederatedImageData,
         strategy: RobustFedAvg,
         recorder: RunRecorder,
@@ -69,6 +69,7 @@ class CentralEvaluation:
         resumed: bool = False,
     ):
         self.cfg = cfg
+        self.method = method
         device = resolve_device(cfg.train.device)
         self.test = data.central_test().to(device)
         self.strategy = strategy
@@ -78,6 +79,7 @@ class CentralEvaluation:
         self.model = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes).to(
             device
         )
+        self.central = method.central_evaluation(cfg, self.model)
         self.t_start = self.t_last = time.monotonic()
 
     @property
@@ -89,7 +91,7 @@ class CentralEvaluation:
         """Central accuracy and loss of ``arrays``; also records and checkpoints the round."""
         central: dict[str, float] = {}
         t0 = time.monotonic()
-        if has_complete_global_model(self.cfg):
+        if self.central:
             self.model.load_state_dict(arrays.to_torch_state_dict())
             res = evaluate(self.model, self.test.x, self.test.y)
             central = {"central_acc": res.accuracy, "central_loss": res.loss}
@@ -140,7 +142,7 @@ class CentralEvaluation:
     def round_record(self, server_round: int, absolute: int) -> dict:
         """What the strategy saw in ``server_round``: client metrics, drops, settings."""
         book = self.strategy.round_log(server_round)
-        settings = round_settings(self.cfg.train, absolute)
+        settings = self.strategy.settings(server_round)  # what the clients were sent
         record: dict = {**book.evaluate_metrics}
         record.update({k: v for k, v in book.train_metrics.items() if k.startswith("train_")})
         record.pop("num_clients", None)
@@ -148,7 +150,7 @@ class CentralEvaluation:
             lr=settings.lr,
             alpha=settings.alpha,
             beta=settings.beta,
-            aggregated=book.aggregated if self.cfg.train.method != "local" else None,
+            aggregated=book.aggregated if self.method.sends_model else None,
             clients_sampled=book.train_sent,
             clients_trained=book.train_accepted,
             clients_evaluated=int(book.evaluate_metrics.get("num_clients", 0)),
@@ -164,7 +166,7 @@ class CentralEvaluation:
 
     def warn_fresh_personal_models(self, train_clients: dict[int, dict[str, float]]) -> None:
         """After a resume, say which clients could not restore a personalized model."""
-        if self.cfg.train.method in ("fedavg", "fedprox"):
+        if self.method.keeps == "nothing":
             return
         joins = self.cfg.federation.join_round  # clients joining after the resume are new
         fresh = sorted(

@@ -90,7 +90,7 @@ def weighted_mean_metrics(
     return MetricRecord({k: sums[k] / norms[k] for k in sums if norms[k] > 0})
 
 
-IDENTIFIERS = ("partition_id", "worker_pid")
+IDENTIFIERS = ("partition_id",)
 """Client metrics that identify rather than measure: never averaged."""
 
 

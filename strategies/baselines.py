@@ -6,22 +6,39 @@
 - :class:`Ditto`: a global model by FedAvg plus a personal model per client regularized
   towards it by ``lambda/2 ||v - w_global||^2`` (Li et al. 2021); sends ``ditto-lambda``.
 - :class:`FedPer`: a shared body averaged by FedAvg, a private head per client that never
-  leaves it (Arivazhagan et al. 2019).
+  leaves it (Arivazhagan et al. 2019; FedRep, Collins et al. 2021, uses it too).
 - :class:`LocalOnly`: every client trains its own model, no model is communicated.
+
+Each takes :class:`~strategies.robust.RobustFedAvg`'s keyword parameters
+(:class:`~strategies.robust.StrategyOptions`) plus its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Unpack
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from strategies.robust import RobustFedAvg, RoundConfigFn
+from fml_flower.settings import RoundSettings, check_range
+from strategies.robust import RobustFedAvg, StrategyOptions
 
 
 class FedAvgBaseline(RobustFedAvg):
     """FedAvg: clients train the global model by cross-entropy; the server averages it."""
+
+
+def _with_extra(settings: RoundSettings, **extra: float) -> RoundSettings:
+    return RoundSettings(
+        lr=settings.lr,
+        local_epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        round=settings.round,
+        extra={**settings.extra, **extra},
+    )
 
 
 class FedProx(RobustFedAvg):
@@ -29,23 +46,19 @@ class FedProx(RobustFedAvg):
 
     Parameters
     ----------
-    proximal_mu : float
+    proximal_mu : float (default: 0.01)
         Weight of the proximal term, sent to clients as ``proximal-mu``.
+    **options
+        :class:`~strategies.robust.RobustFedAvg`'s keyword parameters.
     """
 
-    def __init__(
-        self, proximal_mu: float, round_config_fn: RoundConfigFn | None = None, **kwargs: object
-    ) -> None:
-        super().__init__(round_config_fn=round_config_fn, **kwargs)
-        if proximal_mu < 0:
-            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
-        self.proximal_mu = proximal_mu
+    def __init__(self, *, proximal_mu: float = 0.01, **options: Unpack[StrategyOptions]) -> None:
+        self.proximal_mu = check_range("proximal_mu", proximal_mu, 0.0)
+        super().__init__(**options)
 
-    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+    def settings(self, server_round: int) -> RoundSettings:
         """Add ``proximal-mu``."""
-        out = super().train_config(server_round, config)
-        out["proximal-mu"] = self.proximal_mu
-        return out
+        return _with_extra(super().settings(server_round), **{"proximal-mu": self.proximal_mu})
 
 
 class Ditto(RobustFedAvg):
@@ -53,45 +66,38 @@ class Ditto(RobustFedAvg):
 
     Parameters
     ----------
-    ditto_lambda : float
+    ditto_lambda : float (default: 0.1)
         Weight of ``lambda/2 ||v - w_global||^2`` in the personal model's loss, sent to
         clients as ``ditto-lambda``.
+    **options
+        :class:`~strategies.robust.RobustFedAvg`'s keyword parameters.
     """
 
-    def __init__(
-        self, ditto_lambda: float, round_config_fn: RoundConfigFn | None = None, **kwargs: object
-    ) -> None:
-        super().__init__(round_config_fn=round_config_fn, **kwargs)
-        if ditto_lambda < 0:
-            raise ValueError(f"ditto_lambda must be >= 0, got {ditto_lambda}")
-        self.ditto_lambda = ditto_lambda
+    def __init__(self, *, ditto_lambda: float = 0.1, **options: Unpack[StrategyOptions]) -> None:
+        self.ditto_lambda = check_range("ditto_lambda", ditto_lambda, 0.0)
+        super().__init__(**options)
 
-    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+    def settings(self, server_round: int) -> RoundSettings:
         """Add ``ditto-lambda``."""
-        out = super().train_config(server_round, config)
-        out["ditto-lambda"] = self.ditto_lambda
-        return out
+        return _with_extra(super().settings(server_round), **{"ditto-lambda": self.ditto_lambda})
 
 
 class FedPer(RobustFedAvg):
-    """FedPer: only the body is averaged; the arrays named in ``private_keys`` (the head)
-    are never sent, neither to nor from clients.
+    """FedPer (and FedRep): only the body is averaged; the arrays named in
+    ``private_keys`` (the head) are never sent, neither to nor from clients.
 
     Parameters
     ----------
     private_keys : Sequence[str]
         State-dict keys of the private head (e.g. the last linear layer's weight/bias).
+    **options
+        :class:`~strategies.robust.RobustFedAvg`'s other keyword parameters.
     """
 
-    def __init__(
-        self,
-        private_keys: Sequence[str],
-        round_config_fn: RoundConfigFn | None = None,
-        **kwargs: object,
-    ) -> None:
+    def __init__(self, *, private_keys: Sequence[str], **options: Unpack[StrategyOptions]) -> None:
         if not private_keys:
             raise ValueError("FedPer needs the keys of the private head")
-        super().__init__(round_config_fn=round_config_fn, private_keys=private_keys, **kwargs)
+        super().__init__(private_keys=private_keys, **options)
 
 
 class LocalOnly(RobustFedAvg):
@@ -119,7 +125,4 @@ class LocalOnly(RobustFedAvg):
             return f"client error: {msg.error.reason}"
         if msg.content.array_records:
             return "a local-only client must not send arrays"
-        metrics = list(msg.content.metric_records.values())
-        if len(metrics) != 1 or not isinstance(metrics[0].get(self.weighted_by_key), int | float):
-            return f"expected one MetricRecord with '{self.weighted_by_key}'"
-        return None
+        return self.check_evaluate_reply(msg)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from logging import INFO
 
-from flwr.app import ConfigRecord
 from flwr.common.logger import log
 
-from strategies.robust import RobustFedAvg, RoundConfigFn
+from fml_flower.settings import RoundSettings, Schedule, value_at
+from strategies.robust import Participation, RobustFedAvg
 
 
 class FedMutualLearning(RobustFedAvg):
@@ -15,55 +16,130 @@ class FedMutualLearning(RobustFedAvg):
 
     Implementation based on https://arxiv.org/abs/2006.16765
 
-    Every sampled client receives the global model, copies it into its *meme* model,
-    trains meme and its private *personalized* model together by deep mutual learning,
-    and replies with the meme's arrays only (parameters and buffers) plus a MetricRecord
-    holding ``num-examples``. The strategy averages the memes weighted by examples
-    (FedAvg) into the next global model, dropping malformed replies with a logged reason
-    (see :class:`~strategies.robust.RobustFedAvg`).
+    Every sampled client receives the global model, copies it into its *meme* model (with
+    a fresh optimizer), trains meme and its private *personalized* model together by deep
+    mutual learning, and replies with the meme's arrays only (parameters and buffers) plus
+    a MetricRecord holding ``num-examples``. The strategy averages the memes weighted by
+    examples (FedAvg) into the next global model, dropping malformed replies with a logged
+    reason (see :class:`~strategies.robust.RobustFedAvg`).
 
-    The training ConfigRecord carries ``alpha`` and ``beta`` (the weights of the labels in
-    the personalized and meme losses) and ``server-round``; ``round_config_fn`` may add
-    or replace per-round values (learning rate, a dynamic alpha/beta schedule).
+    The constructor is the single source of truth for what clients train with: every
+    training ConfigRecord carries ``lr``, ``local-epochs``, ``batch-size``, ``momentum``,
+    ``weight-decay``, ``alpha``, ``beta``, ``round`` and ``server-round``
+    (:data:`fml_flower.settings.CONFIG_KEYS`). :func:`client_app.fml.train` reads exactly
+    these.
 
     Parameters
     ----------
-    alpha : float (default: 0.5)
+    alpha : float | Callable[[int], float] (default: 0.5)
         Weight of the cross-entropy in the personalized model's loss; ``1 - alpha``
-        weights the KL divergence to the meme's predictions.
-    beta : float (default: 0.5)
-        Weight of the cross-entropy in the meme model's loss; ``1 - beta`` weights the
-        KL divergence to the personalized model's predictions.
-    round_config_fn : Optional[callable] (default: None)
-        ``server_round -> dict`` merged into each round's training ConfigRecord
-        (after ``alpha``/``beta``, so it may override them).
-    **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
-        ``min_available_nodes``, ``weighted_by_key``, ...).
+        weights the KL divergence to the meme's predictions. A constant in [0, 1] or a
+        function of the round (1-based) returning one.
+    beta : float | Callable[[int], float] (default: 0.5)
+        Weight of the cross-entropy in the meme's loss; ``1 - beta`` weights the KL
+        divergence to the personalized model's predictions (e.g. ``lambda r: 0.1 if r <=
+        10 else 0.5`` for the authors' dynamic balancing).
+    lr : float | Callable[[int], float] (default: 0.01)
+        SGD learning rate of both models: a constant or a function of the round.
+    local_epochs : int (default: 1)
+        Epochs of mutual learning per round.
+    batch_size : int (default: 32)
+        Mini-batch size on the clients.
+    momentum : float (default: 0.0)
+        SGD momentum of both models (the meme's optimizer is new every round).
+    weight_decay : float (default: 0.0)
+        SGD weight decay of both models.
+    fraction_train : float (default: 1.0)
+        Fraction of nodes sampled for training.
+    fraction_evaluate : float (default: 1.0)
+        Fraction of nodes sampled for evaluation.
+    min_train_nodes : int (default: 2)
+        Minimum number of nodes sampled for training.
+    min_evaluate_nodes : int (default: 2)
+        Minimum number of nodes sampled for evaluation.
+    min_available_nodes : int (default: 2)
+        Minimum number of connected nodes before a round starts.
+    min_replies : int (default: 1)
+        Fewest valid replies that update the global model.
+    private_keys : Sequence[str] (default: ())
+        Meme state-dict keys that stay on the clients (a task-specific head): never sent,
+        never averaged.
+    participation : Optional[Callable[[int, list[int]], list[int]]] (default: None)
+        ``(server_round, connected node ids) -> node ids that may be sampled``.
+    round_offset : int (default: 0)
+        Rounds done before this run (a resumed run); schedules continue from there.
+    weighted_by_key : str (default: "num-examples")
+        Metric key of the example count used as averaging weight.
+    arrayrecord_key : str (default: "arrays")
+        Key of the ArrayRecord in messages and replies.
+    configrecord_key : str (default: "config")
+        Key of the ConfigRecord in messages.
     """
 
     def __init__(
         self,
-        alpha: float = 0.5,
-        beta: float = 0.5,
-        round_config_fn: RoundConfigFn | None = None,
-        **kwargs: object,
+        *,
+        alpha: Schedule = 0.5,
+        beta: Schedule = 0.5,
+        lr: Schedule = 0.01,
+        local_epochs: int = 1,
+        batch_size: int = 32,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        min_replies: int = 1,
+        private_keys: Sequence[str] = (),
+        participation: Participation | None = None,
+        round_offset: int = 0,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
     ) -> None:
-        super().__init__(round_config_fn=round_config_fn, **kwargs)
-        for name, value in (("alpha", alpha), ("beta", beta)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.alpha = alpha
         self.beta = beta
+        super().__init__(
+            lr=lr,
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            min_replies=min_replies,
+            private_keys=private_keys,
+            participation=participation,
+            round_offset=round_offset,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+        )
+
+    def settings(self, server_round: int) -> RoundSettings:
+        """The base settings plus this round's ``alpha`` and ``beta``."""
+        base = super().settings(server_round)
+        return RoundSettings(
+            lr=base.lr,
+            local_epochs=base.local_epochs,
+            batch_size=base.batch_size,
+            momentum=base.momentum,
+            weight_decay=base.weight_decay,
+            round=base.round,
+            alpha=value_at(self.alpha, base.round),
+            beta=value_at(self.beta, base.round),
+        )
 
     def summary(self) -> None:
-        """Log summary configuration of the strategy."""
-        log(INFO, "\t├──> Mutual learning: alpha %.2f | beta %.2f", self.alpha, self.beta)
+        """Log the mutual-learning weights, then what every message carries."""
+        log(INFO, "\t├──> Federated Mutual Learning: only the meme is averaged")
         super().summary()
 
-    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
-        """``alpha``, ``beta``, then the values of ``round_config_fn``."""
-        base = ConfigRecord(dict(config))
-        base["alpha"] = self.alpha
-        base["beta"] = self.beta
-        return super().train_config(server_round, base)
+    def _is_schedule(self, key: str) -> bool:
+        schedules = {"alpha": self.alpha, "beta": self.beta}
+        return callable(schedules.get(key)) or super()._is_schedule(key)

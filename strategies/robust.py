@@ -1,19 +1,22 @@
-"""FedAvg that drops malformed replies instead of crashing, and keeps a per-round log."""
+"""FedAvg that sends the clients' training settings, drops malformed replies instead of
+crashing, averages integer-safely, and keeps a per-round log.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import cast
+from typing import TypedDict
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fml_flower.settings import RoundSettings, Schedule, value_at
 from strategies.aggregation import (
     IDENTIFIERS,
     aggregate_evaluate_metrics,
@@ -22,7 +25,30 @@ from strategies.aggregation import (
     weighted_mean_metrics,
 )
 
-RoundConfigFn = Callable[[int], dict[str, float | int | str | bool]]
+Participation = Callable[[int, list[int]], list[int]]
+"""``(server_round, connected node ids) -> node ids that may be sampled in that round``."""
+
+
+class StrategyOptions(TypedDict, total=False):
+    """The keyword parameters of :class:`RobustFedAvg` (for subclasses' ``**options``)."""
+
+    lr: Schedule
+    local_epochs: int
+    batch_size: int
+    momentum: float
+    weight_decay: float
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    min_replies: int
+    private_keys: Sequence[str]
+    participation: Participation | None
+    round_offset: int
+    weighted_by_key: str
+    arrayrecord_key: str
+    configrecord_key: str
 
 
 @dataclass
@@ -48,70 +74,130 @@ class RoundLog:
 
 
 class RobustFedAvg(FedAvg):
-    """Federated Averaging that survives bad replies and records what happened per round.
+    """Federated Averaging that sends the clients' training settings and survives bad replies.
 
     The base of every strategy in this project. Compared with Flower's ``FedAvg``:
 
+    - every training ConfigRecord carries the round's client settings (``lr``,
+      ``local-epochs``, ``batch-size``, ``momentum``, ``weight-decay``, ``round``; see
+      :mod:`fml_flower.settings`), so a client needs nothing but the message;
     - a training reply with wrong keys, shapes or dtypes, NaN/Inf values, or a missing or
       non-positive ``num-examples`` is dropped with a logged reason (node id included)
       instead of raising ``InconsistentMessageReplies`` and stopping the run;
     - integer buffers (e.g. BatchNorm's ``num_batches_tracked``) keep their dtype;
     - evaluation metrics are aggregated into weighted means plus the min/max over clients
       of every ``*_acc`` metric;
-    - ``rounds[r]`` (a :class:`RoundLog`) keeps accepted/dropped replies and metrics;
-    - ``round_config_fn(server_round)`` adds per-round values (e.g. a decayed learning
-      rate) to the training ConfigRecord.
+    - ``rounds[r]`` (a :class:`RoundLog`) keeps accepted/dropped replies and metrics.
 
     Parameters
     ----------
-    round_config_fn : Optional[callable] (default: None)
-        ``server_round -> dict`` merged into each round's training ConfigRecord.
+    lr : float | Callable[[int], float] (default: 0.01)
+        Clients' SGD learning rate: a constant or a function of the round (1-based, absolute).
+    local_epochs : int (default: 1)
+        Local epochs per round.
+    batch_size : int (default: 32)
+        Clients' mini-batch size.
+    momentum : float (default: 0.0)
+        Clients' SGD momentum, in [0, 1).
+    weight_decay : float (default: 0.0)
+        Clients' SGD weight decay.
+    fraction_train : float (default: 1.0)
+        Fraction of nodes sampled for training.
+    fraction_evaluate : float (default: 1.0)
+        Fraction of nodes sampled for evaluation (0 disables client-side evaluation).
+    min_train_nodes : int (default: 2)
+        Minimum number of nodes sampled for training.
+    min_evaluate_nodes : int (default: 2)
+        Minimum number of nodes sampled for evaluation.
+    min_available_nodes : int (default: 2)
+        Minimum number of connected nodes before a round is sampled.
+    min_replies : int (default: 1)
+        Fewest valid training replies needed to update the global model; with fewer, the
+        round keeps the previous global model.
     private_keys : Sequence[str] (default: ())
         State-dict keys that stay on the clients (a private head): never sent to clients,
         never expected back. The rest (the shared body) is averaged.
-    min_replies : int (default: 1)
-        Fewest valid training replies needed to update the global model; with fewer, the
-        round keeps the previous global model. Nodes that fail or time out do not stop
-        the run either way.
-    join_rounds : Mapping[int, int] (default: {})
-        Node id -> the first ``server_round`` in which that node may be sampled (for
-        training and evaluation): new participants. Nodes not listed take part from round
-        1. Once sampled, a joining node receives the current global model like any other.
-    join_rounds_fn : Optional[callable] (default: None)
-        ``connected node ids -> {node id: join round}``, asked every round instead of
-        ``join_rounds``: for schedules keyed by something the server learns from the nodes
-        (this app's ServerApp maps partition ids, asking nodes it has not seen before).
-    **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
-        ``min_available_nodes``, ``weighted_by_key``, ...).
+    participation : Optional[Callable[[int, list[int]], list[int]]] (default: None)
+        ``(server_round, connected node ids) -> node ids that may be sampled``: e.g. new
+        participants that join at a later round. ``None``: every connected node.
+    round_offset : int (default: 0)
+        Rounds completed before this run (a resumed run): schedules are called with, and
+        clients receive as ``round``, ``server_round + round_offset``.
+    weighted_by_key : str (default: "num-examples")
+        Metric key of the example count used as averaging weight.
+    arrayrecord_key : str (default: "arrays")
+        Key of the ArrayRecord in messages and replies.
+    configrecord_key : str (default: "config")
+        Key of the ConfigRecord in messages.
     """
 
     def __init__(
         self,
-        round_config_fn: RoundConfigFn | None = None,
+        *,
+        lr: Schedule = 0.01,
+        local_epochs: int = 1,
+        batch_size: int = 32,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
         min_replies: int = 1,
         private_keys: Sequence[str] = (),
-        join_rounds: Mapping[int, int] | None = None,
-        join_rounds_fn: Callable[[list[int]], Mapping[int, int]] | None = None,
-        **kwargs: object,
+        participation: Participation | None = None,
+        round_offset: int = 0,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
     ) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.private_keys = frozenset(private_keys)
-        self.join_rounds = dict(join_rounds or {})
-        self.join_rounds_fn = join_rounds_fn
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+        )
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
-        self.round_config_fn = round_config_fn
+        if round_offset < 0:
+            raise ValueError(f"round_offset must be >= 0, got {round_offset}")
+        self.lr = lr
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
+        self.momentum = momentum
+        self.weight_decay = weight_decay
         self.min_replies = min_replies
+        self.private_keys = frozenset(private_keys)
+        self.participation = participation
+        self.round_offset = round_offset
         self.reference_arrays: ArrayRecord | None = None
         self.rounds: dict[int, RoundLog] = {}
+        self.settings(1)  # validate every value (and a schedule's first one) now
+
+    # ------------------------------------------------------------------ what is sent
+
+    def settings(self, server_round: int) -> RoundSettings:
+        """The client settings of ``server_round`` (override to add method values)."""
+        absolute = server_round + self.round_offset
+        return RoundSettings(
+            lr=value_at(self.lr, absolute),
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            round=absolute,
+        )
 
     def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
-        """The training ConfigRecord of ``server_round`` (override to add values)."""
-        round_config = ConfigRecord(dict(config))
-        if self.round_config_fn is not None:
-            round_config.update(self.round_config_fn(server_round))
-        return round_config
+        """The training ConfigRecord of ``server_round``: ``config`` plus the settings."""
+        out = ConfigRecord(dict(config))
+        out.update(self.settings(server_round).to_config())
+        return out
 
     def shared(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` without the private keys (all of them when there are none)."""
@@ -119,53 +205,39 @@ class RobustFedAvg(FedAvg):
             return arrays
         return ArrayRecord({k: v for k, v in arrays.items() if k not in self.private_keys})
 
-    def join_rounds_of(self, node_ids: Sequence[int]) -> dict[int, int]:
-        """Node id -> first round in which it takes part, for the connected ``node_ids``.
+    def summary(self) -> None:
+        """Log what every training message carries, then Flower's FedAvg summary."""
+        first = self.settings(1).to_config()
+        log(INFO, "\t├──> Sent to clients in each training config (round 1 shown):")
+        for key, value in first.items():
+            varying = key == "round" or self._is_schedule(key)
+            log(INFO, "\t│\t├── %s: %s%s", key, value, " (per round)" if varying else "")
+        if self.private_keys:
+            log(INFO, "\t│\t└── private (never sent): %s", sorted(self.private_keys))
+        super().summary()
 
-        From ``join_rounds_fn`` when given (it may learn about nodes that connected late),
-        else from ``join_rounds``; nodes listed in neither take part from round 1.
+    def _is_schedule(self, key: str) -> bool:
+        return key == "lr" and callable(self.lr)
+
+    # --------------------------------------------------------------------- sampling
+
+    def sample(self, server_round: int, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
+        """Node ids for one round: ``fraction`` of the nodes that may take part (see
+        ``participation``), at least ``min_nodes`` of them, once ``min_available_nodes``
+        are connected (nodes still waiting to join do not count).
         """
-        if self.join_rounds_fn is not None:
-            return dict(self.join_rounds_fn(list(node_ids)))
-        return {n: self.join_rounds.get(n, 1) for n in node_ids}
-
-    @contextmanager
-    def participants(self, server_round: int, grid: Grid) -> Iterator[Grid]:
-        """``grid`` as sampling should see it in ``server_round``: only the nodes that have
-        joined by then (see ``join_rounds``).
-
-        While it is open, the minimum node counts follow the joined nodes:
-        ``min_available_nodes`` drops by the number of connected nodes still waiting to
-        join, and ``min_train_nodes``/``min_evaluate_nodes`` are at most
-        ``ceil(fraction x joined)`` (so a fraction samples a fraction of the joined nodes).
-        """
-        if not self.join_rounds and self.join_rounds_fn is None:
-            yield grid
-            return
-        rounds = self.join_rounds_of(list(grid.get_node_ids()))
-        joined = sum(1 for r in rounds.values() if r <= server_round)
-        saved = self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes
-        self.min_available_nodes = max(1, self.min_available_nodes - (len(rounds) - joined))
-        self.min_train_nodes = min(
-            self.min_train_nodes, max(1, math.ceil(self.fraction_train * joined))
-        )
-        if self.fraction_evaluate > 0:
-            self.min_evaluate_nodes = min(
-                self.min_evaluate_nodes, max(1, math.ceil(self.fraction_evaluate * joined))
-            )
-        try:
-            yield cast(Grid, _JoinedNodes(grid, self.join_rounds_of, server_round))
-        finally:
-            self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send the shared global arrays for client-side evaluation to joined nodes."""
-        with self.participants(server_round, grid) as nodes:
-            return list(
-                super().configure_evaluate(server_round, self.shared(arrays), config, nodes)
-            )
+        connected = list(grid.get_node_ids())
+        if self.participation is None:
+            size = max(int(len(connected) * fraction), min_nodes)
+            return sample_nodes(grid, self.min_available_nodes, size)[0]
+        eligible = self.participation(server_round, connected)
+        waiting = len(connected) - len(eligible)
+        min_available = max(1, self.min_available_nodes - waiting)
+        # a fraction samples a fraction of the joined nodes; the minimum follows them
+        at_least = min(min_nodes, max(1, math.ceil(fraction * len(eligible))))
+        size = max(int(len(eligible) * fraction), at_least)
+        view = _Eligible(grid, self.participation, server_round)
+        return sample_nodes(view, min_available, size)[0]  # type: ignore[arg-type]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -173,14 +245,31 @@ class RobustFedAvg(FedAvg):
         """Send the shared global arrays and this round's config to the sampled nodes."""
         arrays = self.shared(arrays)
         self.reference_arrays = arrays
-        with self.participants(server_round, grid) as nodes:
-            messages = list(
-                super().configure_train(
-                    server_round, arrays, self.train_config(server_round, config), nodes
-                )
-            )
+        nodes = self.sample(server_round, grid, self.fraction_train, self.min_train_nodes)
+        log(INFO, "configure_train: sampled %d nodes", len(nodes))
+        config = self.train_config(server_round, config)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, nodes, MessageType.TRAIN))
         self.round_log(server_round).train_sent = len(messages)
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the shared global arrays for client-side evaluation to sampled nodes."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self.sample(server_round, grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        config = ConfigRecord(dict(config))
+        config["server-round"] = server_round
+        config["round"] = server_round + self.round_offset
+        record = RecordDict(
+            {self.arrayrecord_key: self.shared(arrays), self.configrecord_key: config}
+        )
+        return list(self._construct_messages(record, nodes, MessageType.EVALUATE))
+
+    # ------------------------------------------------------------------ aggregation
 
     def round_log(self, server_round: int) -> RoundLog:
         """The bookkeeping of ``server_round`` (created on first use)."""
@@ -196,29 +285,37 @@ class RobustFedAvg(FedAvg):
             msg.content, self.reference_arrays, self.arrayrecord_key, self.weighted_by_key
         )
 
+    def filter_replies(
+        self, server_round: int, replies: Iterable[Message], check: Callable[[Message], str | None]
+    ) -> tuple[list[Message], list[str]]:
+        """Split ``replies`` into the valid ones and the reasons for the rest (each logged
+        with the node id).
+        """
+        valid, dropped = [], []
+        for msg in replies:
+            problem = check(msg)
+            if problem is None:
+                valid.append(msg)
+                continue
+            reason = f"node {msg.metadata.src_node_id}: {problem}"
+            dropped.append(reason)
+            log(WARNING, "round %d: dropped the reply of %s", server_round, reason)
+        return valid, dropped
+
     def aggregate_arrays(self, records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
-        """Weighted average of the memes' arrays (override for other aggregations)."""
+        """Weighted average of the replies' arrays (override for other aggregations)."""
         return weighted_average_arrays(records, weights)
 
     def aggregate_train(
-        self,
-        server_round: int,
-        replies: Iterable[Message],
+        self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the valid memes weighted by ``num-examples``; drop invalid replies."""
+        """Average the valid replies' arrays weighted by ``num-examples``; drop the rest."""
         replies = list(replies)
         book = self.round_log(server_round)
-        book.train_replies = len(replies)
-        valid: list[RecordDict] = []
-        for msg in replies:
-            problem = self.check_train_reply(msg)
-            if problem is None:
-                valid.append(msg.content)
-                continue
-            reason = f"node {msg.metadata.src_node_id}: {problem}"
-            book.train_dropped.append(reason)
-            log(WARNING, "aggregate_train: dropped the reply of %s", reason)
-        book.train_accepted = len(valid)
+        valid, book.train_dropped = self.filter_replies(
+            server_round, replies, self.check_train_reply
+        )
+        book.train_replies, book.train_accepted = len(replies), len(valid)
         log(
             INFO,
             "aggregate_train: %d replies, %d aggregated, %d dropped",
@@ -227,103 +324,92 @@ class RobustFedAvg(FedAvg):
             len(book.train_dropped),
         )
         if not valid:
-            log(
-                WARNING,
-                "aggregate_train: no valid reply in round %d; the global model stays as it was",
-                server_round,
-            )
+            log(WARNING, "round %d: no valid reply; the global model stays", server_round)
             return None, None
-        metrics = [next(iter(c.metric_records.values())) for c in valid]
-        for m in metrics:
-            client = int(m.get("partition_id", len(book.train_clients)))  # type: ignore[arg-type]
-            book.train_clients[client] = {
-                k: float(v) for k, v in m.items() if isinstance(v, int | float)
-            }
+        metrics = [_only_metrics(m) for m in valid]
         weights = [float(m[self.weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
-        records = [c[self.arrayrecord_key] for c in valid if self.arrayrecord_key in c]
-        arrays = None
+        book.train_clients = _per_client(valid, metrics)
+        aggregated = weighted_mean_metrics(
+            metrics, weights, exclude=(self.weighted_by_key, *IDENTIFIERS)
+        )
+        aggregated["num_clients"] = len(valid)
+        book.train_metrics = dict(aggregated)  # type: ignore[arg-type]
+        records = [m.content[self.arrayrecord_key] for m in valid if m.content.array_records]
         if len(valid) < self.min_replies:
             log(
                 WARNING,
-                "aggregate_train: %d valid replies < min_replies=%d in round %d; the global "
-                "model stays as it was",
+                "round %d: %d valid replies < min_replies=%d; the global model stays",
+                server_round,
                 len(valid),
                 self.min_replies,
-                server_round,
             )
-        elif records:
-            arrays = self.aggregate_arrays(records, weights)
-            book.aggregated = True
-        agg_metrics = weighted_mean_metrics(
-            metrics, weights, exclude=(self.weighted_by_key, *IDENTIFIERS)
-        )
-        agg_metrics["num_clients"] = len(valid)
-        book.train_metrics = dict(agg_metrics)  # type: ignore[arg-type]
-        return arrays, agg_metrics
+            return None, aggregated
+        if not records:
+            return None, aggregated
+        book.aggregated = True
+        return self.aggregate_arrays(records, weights), aggregated
+
+    def check_evaluate_reply(self, msg: Message) -> str | None:
+        """Why an evaluation reply cannot be aggregated, or ``None`` if it can."""
+        if msg.has_error():
+            return f"client error: {msg.error.reason}"
+        records = list(msg.content.metric_records.values())
+        if len(records) != 1:
+            return f"expected one MetricRecord, got {len(records)}"
+        weight = records[0].get(self.weighted_by_key)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            return f"'{self.weighted_by_key}' missing or not > 0"
+        return None
 
     def aggregate_evaluate(
-        self,
-        server_round: int,
-        replies: Iterable[Message],
+        self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Weighted means and the spread (min/max over clients) of both models' metrics."""
+        """Weighted means and the spread (min/max over clients) of the clients' metrics."""
         replies = list(replies)
         book = self.round_log(server_round)
+        valid, book.evaluate_dropped = self.filter_replies(
+            server_round, replies, self.check_evaluate_reply
+        )
         book.evaluate_replies = len(replies)
-        records: list[MetricRecord] = []
-        for msg in replies:
-            if msg.has_error():
-                problem = f"client error: {msg.error.reason}"
-            else:
-                problem = None
-                mrs = list(msg.content.metric_records.values())
-                if len(mrs) != 1:
-                    problem = f"expected one MetricRecord, got {len(mrs)}"
-                elif not _positive_number(mrs[0].get(self.weighted_by_key)):
-                    problem = f"'{self.weighted_by_key}' missing or not > 0"
-            if problem is not None:
-                reason = f"node {msg.metadata.src_node_id}: {problem}"
-                book.evaluate_dropped.append(reason)
-                log(WARNING, "aggregate_evaluate: dropped the reply of %s", reason)
-                continue
-            record = mrs[0]
-            records.append(record)
-            client_id = int(record.get("partition_id", msg.metadata.src_node_id))  # type: ignore[arg-type]
-            book.clients[client_id] = {
-                k: float(v)
-                for k, v in record.items()  # type: ignore[arg-type]
-                if isinstance(v, (int, float))
-            }
-        if not records:
+        if not valid:
             return None
-        aggregated = aggregate_evaluate_metrics(records, self.weighted_by_key)
+        metrics = [_only_metrics(m) for m in valid]
+        book.clients = _per_client(valid, metrics)
+        aggregated = aggregate_evaluate_metrics(metrics, self.weighted_by_key)
         book.evaluate_metrics = dict(aggregated)  # type: ignore[arg-type]
         return aggregated
 
 
-class _JoinedNodes:
+def _only_metrics(msg: Message) -> MetricRecord:
+    return next(iter(msg.content.metric_records.values()))
+
+
+def _per_client(
+    replies: list[Message], metrics: list[MetricRecord]
+) -> dict[int, dict[str, float]]:
+    """Numeric metrics by client: its ``partition_id`` if it reports one, else its node id."""
+    out = {}
+    for msg, m in zip(replies, metrics, strict=True):
+        client = int(m.get("partition_id", msg.metadata.src_node_id))  # type: ignore[arg-type]
+        out[client] = {
+            k: float(v) for k, v in m.items() if isinstance(v, int | float) and k not in IDENTIFIERS
+        }
+    return out
+
+
+class _Eligible:
     """The part of a Grid that Flower's sampling reads (``get_node_ids``), restricted to the
-    nodes that have joined by ``server_round`` (asked anew on every call, so that Flower's
-    wait for nodes sees nodes that connect meanwhile); messages still go through ``grid``.
+    nodes that may take part in ``server_round`` (asked anew on every call, so that Flower's
+    wait for nodes sees nodes that connect meanwhile).
     """
 
-    def __init__(
-        self, grid: Grid, rounds_of: Callable[[list[int]], dict[int, int]], server_round: int
-    ) -> None:
+    def __init__(self, grid: Grid, participation: Participation, server_round: int) -> None:
         self._grid = grid
-        self._rounds_of = rounds_of
+        self._participation = participation
         self._round = server_round
 
     def get_node_ids(self) -> list[int]:
-        rounds = self._rounds_of(list(self._grid.get_node_ids()))
-        return [n for n, r in rounds.items() if r <= self._round]
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._grid, name)
+        return self._participation(self._round, list(self._grid.get_node_ids()))
 
 
-def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-__all__ = ["RobustFedAvg", "RoundConfigFn", "RoundLog"]
+__all__ = ["Participation", "RobustFedAvg", "RoundLog", "StrategyOptions"]

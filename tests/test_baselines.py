@@ -6,9 +6,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client_app.app import evaluate_models, train
-from client_app.state import MODEL_KEY
+from client_app.app import evaluate, train
+from client_app.state import ContextStore
 from fml_flower.models import build_model, head_keys
+from fml_flower.personal import PERSONAL
+from fml_flower.settings import RoundSettings
 from fml_flower.training import sgd, supervised_epoch
 from strategies.baselines import FedPer, FedProx, LocalOnly
 from tests.test_strategy import _Grid, _reply
@@ -31,8 +33,15 @@ def _context(method: str, **extra: object) -> Context:
     )
 
 
-def _message(kind: str, arrays: ArrayRecord, **config: object) -> Message:
-    record = ConfigRecord({"server-round": 1, "lr": 0.05, "alpha": 0.5, "beta": 0.5, **config})
+def _message(kind: str, arrays: ArrayRecord, **extra: object) -> Message:
+    """A message as the baselines' strategies send it: for training, the round's settings
+    (plus the method's own values, e.g. ``proximal-mu``); for evaluation, the round.
+    """
+    if kind == MessageType.TRAIN:
+        settings = RoundSettings(lr=0.05, local_epochs=1, batch_size=32, round=1, extra=extra)
+        record = ConfigRecord({"server-round": 1, **settings.to_config()})
+    else:
+        record = ConfigRecord({"server-round": 1, "round": 1})
     return Message(
         RecordDict({"arrays": arrays, "config": record}), dst_node_id=11, message_type=kind
     )
@@ -42,18 +51,24 @@ def _mlp(seed: int = 0) -> torch.nn.Module:
     return build_model("mlp", (1, 28, 28), 10, seed=seed)
 
 
+def _personal(context: Context) -> dict[str, torch.Tensor]:
+    """The personal model the client keeps in its ``context.state``."""
+    saved = ContextStore(context.state).load(PERSONAL)
+    assert saved is not None, "the client kept no personal model"
+    return saved.state
+
+
 def test_fedprox_adds_exactly_the_proximal_gradient() -> None:
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     start = _mlp(1)
     anchor = [p.detach() + 0.5 for p in start.parameters()]
     plain, prox = _mlp(1), _mlp(1)
     mu, lr = 0.3, 0.1
-    supervised_epoch(plain, sgd(plain, lr, 0, 0), x, y, 8, torch.Generator().manual_seed(0))
+    supervised_epoch(plain, sgd(plain, lr, 0, 0), (x, y), 8, torch.Generator().manual_seed(0))
     supervised_epoch(
         prox,
         sgd(prox, lr, 0, 0),
-        x,
-        y,
+        (x, y),
         8,
         torch.Generator().manual_seed(0),
         proximal_mu=mu,
@@ -86,7 +101,7 @@ def test_ditto_personal_model_is_pulled_to_the_global_one() -> None:
         context = _context("ditto")
         reply = train(_message(MessageType.TRAIN, global_arrays, **{"ditto-lambda": lam}), context)
         assert set(reply.content["arrays"].keys()) == set(start)  # the global model goes back
-        personal = context.state[MODEL_KEY].to_torch_state_dict()
+        personal = _personal(context)
         distance[lam] = sum(((personal[k] - start[k]) ** 2).sum().item() for k in start)
     assert distance[5.0] < distance[0.0]
 
@@ -106,9 +121,9 @@ def test_fedper_head_never_leaves_the_client() -> None:
     reply = train(_message(MessageType.TRAIN, sent.content["arrays"]), context)
     replied = set(reply.content["arrays"].keys())
     assert replied == set(model.state_dict()) - head
-    stored = context.state[MODEL_KEY].to_torch_state_dict()
+    stored = _personal(context)
     assert head <= set(stored)  # the head stays in the client's state
-    evaluated = evaluate_models(_message(MessageType.EVALUATE, sent.content["arrays"]), context)
+    evaluated = evaluate(_message(MessageType.EVALUATE, sent.content["arrays"]), context)
     assert "personal_acc" in next(iter(evaluated.content.metric_records.values()))
 
 
@@ -143,10 +158,11 @@ def test_fedavg_clients_report_the_global_model_as_theirs(method: str) -> None:
     arrays = ArrayRecord(_mlp().state_dict())
     reply = train(_message(MessageType.TRAIN, arrays, **{"proximal-mu": 0.01}), context)
     assert set(reply.content["arrays"].keys()) == set(_mlp().state_dict())
-    assert MODEL_KEY not in context.state  # no personal state at all
+    assert ContextStore(context.state).load(PERSONAL) is None  # no personal model
+    assert len(context.state) == 0  # no personal state at all
     metrics = next(
         iter(
-            evaluate_models(
+            evaluate(
                 _message(MessageType.EVALUATE, arrays), context
             ).content.metric_records.values()
         )

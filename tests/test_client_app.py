@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client_app.app import evaluate_models, train
-from client_app.state import META_KEY, MODEL_KEY, OPTIMIZER_KEY
+import fml_flower.methods.fml as fml_method
+from client_app.app import evaluate, train
+from client_app.state import ContextStore
 from fml_flower.config import ConfigError
 from fml_flower.models import build_model
+from fml_flower.personal import PERSONAL, ArchitectureMismatch, SavedModel, cpu_state
+from fml_flower.settings import RoundSettings
 
 RUN_CONFIG = {
     "experiment": "base",
@@ -34,7 +39,20 @@ def _global_arrays(seed: int = 0) -> ArrayRecord:
 
 
 def _message(kind: str, server_round: int = 1, lr: float = 0.05, seed: int = 0) -> Message:
-    config = ConfigRecord({"server-round": server_round, "lr": lr, "alpha": 0.5, "beta": 0.5})
+    """A message as FedMutualLearning sends it for ``RUN_CONFIG`` (momentum 0.9)."""
+    if kind == MessageType.TRAIN:
+        settings = RoundSettings(
+            lr=lr,
+            local_epochs=1,
+            batch_size=32,
+            momentum=0.9,
+            round=server_round,
+            alpha=0.5,
+            beta=0.5,
+        )
+        config = ConfigRecord({"server-round": server_round, **settings.to_config()})
+    else:
+        config = ConfigRecord({"server-round": server_round, "round": server_round})
     return Message(
         RecordDict({"arrays": _global_arrays(seed), "config": config}),
         dst_node_id=11,
@@ -42,8 +60,32 @@ def _message(kind: str, server_round: int = 1, lr: float = 0.05, seed: int = 0) 
     )
 
 
+def _saved(context: Context) -> SavedModel:
+    saved = ContextStore(context.state).load(PERSONAL)
+    assert saved is not None, "no personalized model in context.state"
+    return saved
+
+
 def _state_dict(context: Context) -> dict[str, torch.Tensor]:
-    return context.state[MODEL_KEY].to_torch_state_dict()
+    return _saved(context).state
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def starts(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
+    """The personalized model's weights as each FML round starts training it."""
+    seen: list[dict[str, torch.Tensor]] = []
+    real = fml_method.mutual_step
+
+    def spy(local: torch.nn.Module, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        seen.append(cpu_state(local))
+        return real(local, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fml_method, "mutual_step", spy)
+    return seen
 
 
 def test_only_the_meme_leaves_the_client() -> None:
@@ -65,40 +107,50 @@ def test_only_the_meme_leaves_the_client() -> None:
     assert set(content.config_records) == set()
 
 
-def test_personalized_model_persists_and_is_not_reinitialized() -> None:
+def test_personalized_model_persists_and_is_not_reinitialized(
+    starts: list[dict[str, torch.Tensor]],
+) -> None:
     context = _context()
     train(_message(MessageType.TRAIN, 1), context)
     after_1 = _state_dict(context)
-    fresh = build_model("lenet5", (1, 28, 28), 10, seed=0).state_dict()
-    # Round 2 with lr = 0: the personalized model must come back exactly as stored.
-    train(_message(MessageType.TRAIN, 2, lr=0.0, seed=1), context)
+    fresh = starts[0]  # the client's own initialization, in round 1
+    assert not _equal(fresh, after_1)  # round 1 trained it
+    # Round 2 must start from the stored model, bit for bit, and train it further.
+    train(_message(MessageType.TRAIN, 2, seed=1), context)
     after_2 = _state_dict(context)
-    assert all(torch.equal(after_1[k], after_2[k]) for k in after_1)
+    assert _equal(starts[1], after_1)
+    assert not _equal(after_1, after_2)
     # Round 3 trains it further from there.
     train(_message(MessageType.TRAIN, 3, seed=2), context)
     after_3 = _state_dict(context)
+    assert len(starts) == 3 and _equal(starts[2], after_2)
     assert any(not torch.equal(after_2[k], after_3[k]) for k in after_2)
     assert any(not torch.equal(fresh[k], after_3[k]) for k in fresh)
-    assert context.state[META_KEY]["rounds_trained"] == 3
-    optimizer = context.state[OPTIMIZER_KEY]["state"]
+    saved = _saved(context)
+    assert saved.rounds_trained == 3 and saved.arch == "lenet5"
+    optimizer = saved.optimizer
     assert isinstance(optimizer, bytes) and len(optimizer) > 0
+    state = torch.load(io.BytesIO(optimizer), weights_only=True)["state"]
+    assert state and all("momentum_buffer" in s for s in state.values())  # momentum 0.9 kept
 
 
 def test_a_stored_model_of_another_architecture_is_refused() -> None:
     context = _context()
     train(_message(MessageType.TRAIN), context)
+    stored = _state_dict(context)
     context.run_config = {**RUN_CONFIG, "model.local": "cnn"}
-    with pytest.raises(RuntimeError, match="stored personalized model is a 'lenet5'"):
+    with pytest.raises(ArchitectureMismatch, match=r"saved 'personal' model \(a 'lenet5'\)"):
         train(_message(MessageType.TRAIN, 2), context)
+    assert _equal(_state_dict(context), stored)  # not replaced
 
 
 def test_evaluate_reports_both_models_on_the_own_test_part() -> None:
     context = _context()
-    before = evaluate_models(_message(MessageType.EVALUATE), context)
+    before = evaluate(_message(MessageType.EVALUATE), context)
     metrics = next(iter(before.content.metric_records.values()))
     assert "global_acc" in metrics and "personal_acc" not in metrics  # not trained yet
     train(_message(MessageType.TRAIN), context)
-    after = evaluate_models(_message(MessageType.EVALUATE), context)
+    after = evaluate(_message(MessageType.EVALUATE), context)
     metrics = next(iter(after.content.metric_records.values()))
     assert 0 <= metrics["personal_acc"] <= 1 and 0 <= metrics["global_acc"] <= 1
     assert metrics["num-examples"] > 0
@@ -109,7 +161,8 @@ def test_node_config_local_model_picks_the_private_architecture() -> None:
     context = _context()
     context.node_config = {**context.node_config, "local-model": "cnn"}
     train(_message(MessageType.TRAIN), context)
-    assert context.state["fml.personal.meta"]["arch"] == "cnn"
+    assert _saved(context).arch == "cnn"
+    assert set(_state_dict(context)) == set(build_model("cnn", (1, 28, 28), 10).state_dict())
     bad = _context()
     bad.node_config = {**bad.node_config, "local-model": "nonsense"}
     with pytest.raises(ConfigError, match="unknown model 'nonsense'"):

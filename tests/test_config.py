@@ -13,6 +13,7 @@ from fml_flower.config import (
     config_keys,
     experiment_names,
     load_config,
+    run_config_defaults,
 )
 from fml_flower.schedule import round_settings
 
@@ -29,12 +30,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def test_pyproject_run_config_mirrors_the_schema() -> None:
-    """Every schema key can be overridden from Flower's run-config, and nothing else."""
+def test_pyproject_run_config_mirrors_the_schema_with_base_values() -> None:
+    """Every schema key can be set from Flower's run-config, and nothing else; its value
+    in pyproject.toml is conf/base.yaml's (one source: a change to either fails here).
+    """
     with open(ROOT / "pyproject.toml", "rb") as fh:
         run_config = _flatten(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
     assert set(run_config) == set(config_keys())
-    assert all(v == "" for k, v in run_config.items() if k != "experiment")
+    assert run_config.pop("experiment") == "base"
+    assert run_config == run_config_defaults()
+    assert config_from_run_config({"experiment": "base", **run_config}) == load_config("base")
 
 
 def test_pyproject_has_no_federations_section() -> None:
@@ -53,6 +58,22 @@ def test_every_experiment_file_loads(tmp_path: Path, monkeypatch: pytest.MonkeyP
             assert cfg.data.root == str(tmp_path)
 
 
+def test_run_config_defaults_do_not_override_the_experiment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower passes pyproject's values for keys the user did not set: those must leave
+    the experiment file's values alone; a value that differs overrides it.
+    """
+    (tmp_path / "mnist").mkdir()
+    monkeypatch.setenv("FML_DATA_ROOT", str(tmp_path))
+    defaults = run_config_defaults()
+    cfg = config_from_run_config({"experiment": "p3_mnist", **defaults})
+    assert cfg == load_config("p3_mnist")
+    assert cfg.train.momentum == 0.9 and cfg.model.meme == "lenet5"  # p3's, not base's
+    cfg = config_from_run_config({"experiment": "p3_mnist", **defaults, "train.momentum": 0.5})
+    assert cfg.train.momentum == 0.5
+
+
 def test_run_config_overrides_and_empty_means_unset() -> None:
     cfg = config_from_run_config(
         {
@@ -60,6 +81,7 @@ def test_run_config_overrides_and_empty_means_unset() -> None:
             "train.alpha": 0.3,
             "model.local": "mlp",
             "train.beta": "",
+            "train.lr_decay_every": 4,
             "train.beta_schedule": "[0.1, 0.5, 0.9]",
             "model.local_per_client": "{0: lenet5}",
         }
@@ -86,6 +108,18 @@ def test_run_config_overrides_and_empty_means_unset() -> None:
         ({"train.lr": 0}, r"train.lr: must be > 0"),
         ({"train.update": "alternate"}, r"train.update: 'alternate' is not one of"),
         ({"train.beta_schedule": "[0.1, 2]"}, r"train.beta_schedule: .* outside \[0, 1\]"),
+        (
+            {"train.beta_schedule": "[0.1, 0.9]"},
+            r"train.beta_schedule: \[0.1, 0.9\] gives one value per learning-rate stage, but "
+            r"train.lr_decay_every=0",
+        ),
+        (
+            {"train.alpha_schedule": "[0.1, 0.5, 0.9]", "train.lr_decay_every": 5},
+            r"train.alpha_schedule: .* has 3 values but federation.num_rounds=10 .* 2 stage",
+        ),
+        ({"train.last_batch": "pad"}, r"train.last_batch: 'pad' is not one of \['keep', 'drop'"),
+        ({"data.partitioner": "shard", "data.shards_per_client": 0}, r"shards_per_client"),
+        ({"train.method": "fedper", "model.private_patterns": "[x]"}, r"not supported by"),
         ({"federation.num_rounds": 0}, r"federation.num_rounds: must be >= 1"),
         ({"data.test_fraction": 1.0}, r"data.test_fraction: must be in \(0, 1\)"),
         ({"data.max_train_examples": -1}, r"data.max_train_examples: must be >= 0"),
@@ -131,7 +165,7 @@ def test_every_shipped_experiment_and_sweep_is_valid(
 ) -> None:
     """conf/*.yaml and conf/sweeps/*.yaml load and validate (data folders stubbed)."""
     from fml_flower.config import CONF_DIR
-    from fml_flower.experiments import load_sweep
+    from tools.experiments import load_sweep
 
     for name in ("mnist", "fashion_mnist", "cifar10"):
         (tmp_path / name).mkdir()
@@ -155,9 +189,10 @@ def test_every_shipped_experiment_and_sweep_is_valid(
 )
 def test_lists_and_maps_survive_the_run_config(key: str, value: object) -> None:
     """Flower's run-config holds scalars only: sweeps pass lists and maps as YAML text."""
-    from fml_flower.launch import run_config_value
+    from tools.launch import run_config_value
 
     text = run_config_value(value)
     assert isinstance(text, str)
     section, name = key.split(".")
-    assert getattr(getattr(load_config("base", {key: text}), section), name) == value
+    overrides = {key: text, "train.lr_decay_every": 4}  # a schedule needs stages
+    assert getattr(getattr(load_config("base", overrides), section), name) == value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import datasets
@@ -10,7 +11,13 @@ import pytest
 from PIL import Image
 
 from fml_flower.config import ConfigError, DataConfig, load_config
-from fml_flower.data import federated_data, load_embedded, partition_indices
+from fml_flower.data import (
+    check_coverage,
+    federated_data,
+    load_embedded,
+    partition_indices,
+    split_report,
+)
 from tests.conftest import shared_dataset
 
 
@@ -34,15 +41,12 @@ def _write_npz_dataset(folder: Path, n_train: int = 200, n_test: int = 50, rgb: 
 def test_pathological_gives_k_classes_per_client(k: int) -> None:
     cfg = DataConfig(partitioner="pathological", classes_per_client=k)
     labels = _labels()
-    seen = set()
     for pid in range(5):
         tr, te = partition_indices(labels, cfg, 5, pid)
         classes = set(labels[tr]) | set(labels[te])
         assert len(classes) == k
         assert set(labels[te]) <= set(labels[tr])
         assert not set(tr) & set(te)
-        seen |= set(tr) | set(te)
-    assert len(seen) > 0
 
 
 def test_iid_clients_see_all_classes_and_disjoint_data() -> None:
@@ -84,10 +88,10 @@ def test_too_many_clients_is_a_clear_error() -> None:
         partition_indices(_labels(4), DataConfig(partitioner="iid"), 41, 0)
     federated = federated_data(DataConfig(), 2)
     with pytest.raises(ConfigError, match="cannot split 4000 examples over 3000 clients"):
-        federated.check_partitions(3000)
+        federated.split_report(3000)
     federated = federated_data(DataConfig(partitioner="iid"), 2)
     with pytest.raises(ConfigError, match=r"partition \d+ has 1 example.*too many clients"):
-        federated.check_partitions(3000)
+        federated.split_report(3000)
 
 
 def test_more_classes_per_client_than_classes() -> None:
@@ -117,7 +121,7 @@ def test_local_npz_folder(tmp_path: Path) -> None:
     cfg = DataConfig(source="local", root=str(tmp_path), name="toy", partitioner="iid")
     data = federated_data(cfg, 2)
     assert data.info.input_shape == (3, 8, 8) and data.info.num_classes == 4
-    assert sum(data.check_partitions(2)) == 220  # train + train_extra
+    assert sum(data.split_report(2).sizes) == 220  # train + train_extra
     assert data.central_test().x.shape == (50, 3, 8, 8)
 
 
@@ -159,7 +163,7 @@ def test_huggingface_path_through_federated_dataset(tmp_path: Path) -> None:
     assert data.central_test().x.shape == (30, 1, 8, 8)
     client = data.client(2, 3)
     assert len(set(client.train.y.tolist())) == 1
-    assert data.check_partitions(3) is None
+    assert data.split_report(3) is None
 
 
 def test_missing_split_file_is_named(tmp_path: Path) -> None:
@@ -202,8 +206,9 @@ def test_shared_mnist_p1_partition() -> None:
     cfg = DataConfig(source="local", root=str(folder.parent), name="mnist")
     data = federated_data(cfg, 20)
     assert len(data.central_test()) == 10_000
-    sizes = data.check_partitions(20)
-    assert sum(sizes) == 60_000
+    report = data.split_report(20)
+    assert sum(report.sizes) == 60_000
+    assert report.missing_classes() == []
     client = data.client(7, 20)
     assert len(set(client.train.y.tolist())) == 2
 
@@ -213,4 +218,51 @@ def test_shared_cifar10_joins_both_train_files() -> None:
     cfg = DataConfig(source="local", root=str(folder.parent), name="cifar10", partitioner="iid")
     data = federated_data(cfg, 10)
     assert data.info.input_shape == (3, 32, 32)
-    assert sum(data.check_partitions(10)) == 50_000
+    assert sum(data.split_report(10).sizes) == 50_000
+
+
+def test_pathological_with_5_clients_leaves_classes_out_and_the_run_stops() -> None:
+    """The case that broke P3: first-deterministic, 5 clients x 2 classes of 10."""
+    cfg = DataConfig(partitioner="pathological", classes_per_client=2)
+    labels = _labels(100)
+    report = split_report(labels, cfg, 5)
+    missing = report.missing_classes()
+    assert missing  # some classes reach no client
+    assert all(report.class_counts[p].get(c, 0) == 0 for p in range(5) for c in missing)
+    with pytest.raises(ConfigError, match=re.escape(f"classes {missing} of 'toy' reach no")):
+        check_coverage(report, cfg, 5, "toy")
+    allowed = DataConfig(partitioner="pathological", allow_missing_classes=True)
+    check_coverage(report, allowed, 5, "toy")  # allowed on purpose: no error
+
+
+def test_shards_give_every_class_to_someone_and_about_two_per_client() -> None:
+    cfg = DataConfig(partitioner="shard", shards_per_client=2)
+    labels = _labels(100)
+    report = split_report(labels, cfg, 5)
+    assert report.missing_classes() == []
+    assert sum(report.sizes) == len(labels)  # every example is used
+    assert all(1 <= len(c) <= 3 for c in report.class_counts)  # a shard may straddle classes
+    check_coverage(report, cfg, 5, "toy")
+
+
+def test_split_report_counts_and_hashes_are_those_of_the_clients_parts() -> None:
+    cfg = DataConfig(partitioner="dirichlet", dirichlet_alpha=0.5, min_partition_size=5)
+    labels = _labels(100)
+    report = split_report(labels, cfg, 4)
+    for pid in range(4):
+        tr, te = partition_indices(labels, cfg, 4, pid)
+        counts = np.bincount(labels[tr], minlength=10)
+        assert report.class_counts[pid] == {c: int(n) for c, n in enumerate(counts) if n}
+        assert report.sizes[pid] == len(tr) + len(te)
+    other = split_report(labels, DataConfig(partitioner="dirichlet", seed=43), 4)
+    assert report.split_hashes != other.split_hashes
+    assert report.split_hashes == split_report(labels, cfg, 4).split_hashes
+
+
+def test_shared_mnist_p3_first_deterministic_misses_5_and_9() -> None:
+    folder = shared_dataset("mnist")
+    cfg = DataConfig(source="local", root=str(folder.parent), name="mnist")
+    report = federated_data(cfg, 5).split_report(5)
+    assert report.missing_classes() == [5, 9]
+    shards = DataConfig(source="local", root=str(folder.parent), name="mnist", partitioner="shard")
+    assert federated_data(shards, 5).split_report(5).missing_classes() == []

@@ -9,10 +9,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+import fml_flower.methods.fml as fml_method
 from client_app.app import train
-from client_app.state import MODEL_KEY, personal_file
+from client_app.state import ContextStore, personal_file
 from fml_flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fml_flower.models import build_model
+from fml_flower.personal import PERSONAL, cpu_state
+from fml_flower.settings import RoundSettings
 
 RUN_CONFIG = {
     "experiment": "base",
@@ -33,8 +36,18 @@ def _context(state_dir: Path, pid: int = 2, run_config: dict | None = None) -> C
 
 
 def _train_message(server_round: int = 1) -> Message:
+    """A training message as FedMutualLearning sends it for ``RUN_CONFIG`` (momentum 0.9)."""
     arrays = ArrayRecord(build_model("mlp", (1, 28, 28), 10, seed=0).state_dict())
-    config = ConfigRecord({"server-round": server_round, "lr": 0.05, "alpha": 0.5, "beta": 0.5})
+    settings = RoundSettings(
+        lr=0.05,
+        local_epochs=1,
+        batch_size=32,
+        momentum=0.9,
+        round=server_round,
+        alpha=0.5,
+        beta=0.5,
+    )
+    config = ConfigRecord({"server-round": server_round, **settings.to_config()})
     return Message(
         RecordDict({"arrays": arrays, "config": config}),
         dst_node_id=11,
@@ -46,23 +59,49 @@ def _metrics(reply: Message) -> dict:
     return dict(next(iter(reply.content.metric_records.values())))
 
 
-def test_personal_model_is_written_each_round_and_restored_exactly(tmp_path: Path) -> None:
+def _personal(context: Context) -> dict[str, torch.Tensor]:
+    saved = ContextStore(context.state).load(PERSONAL)
+    assert saved is not None, "no personalized model in context.state"
+    return saved.state
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_personal_model_is_written_each_round_and_restored_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    starts: list[dict[str, torch.Tensor]] = []  # the personalized model as training starts
+    real_step = fml_method.mutual_step
+
+    def spy(local: torch.nn.Module, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        starts.append(cpu_state(local))
+        return real_step(local, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fml_method, "mutual_step", spy)
     first = _context(tmp_path)
     reply = train(_train_message(1), first)
     assert _metrics(reply)["personal_restored_from_disk"] == 0.0
     saved = load_checkpoint(personal_file(tmp_path, 2))
     assert saved["rounds_trained"] == 1 and saved["arch"] == "mlp"
-    in_memory = first.state[MODEL_KEY].to_torch_state_dict()
-    assert all(torch.equal(saved["model"][k], in_memory[k]) for k in in_memory)
+    in_memory = _personal(first)
+    assert _equal(saved["model"], in_memory)
+    assert len(saved["optimizer"]) > 0  # the momentum buffers are saved with it
     # A restarted SuperNode: empty context.state, same state dir
     restarted = _context(tmp_path)
     reply = train(_train_message(2), restarted)
     metrics = _metrics(reply)
     assert metrics["personal_restored_from_disk"] == 1.0
-    expected = float(sum(v.abs().sum().item() for k, v in saved["model"].items()))
-    assert metrics["personal_fingerprint_start"] == pytest.approx(expected, rel=1e-6)
+    assert len(starts) == 2 and _equal(starts[1], saved["model"])  # started from the file
     assert load_checkpoint(personal_file(tmp_path, 2))["rounds_trained"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    # The node that never restarted trains round 2 from its context.state: the restarted
+    # one (model and optimizer state from disk) must end exactly where it ends.
+    train(_train_message(2), first)
+    assert _equal(starts[2], in_memory)
+    assert _equal(_personal(restarted), _personal(first))
+    assert not _equal(_personal(restarted), in_memory)  # and round 2 did train it
 
 
 def test_corrupt_file_is_refused_not_replaced(tmp_path: Path) -> None:

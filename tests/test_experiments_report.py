@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fml_flower.config import ConfigError, load_config, to_yaml
-from fml_flower.experiments import RunSpec, newcomer_curves, write_report
+from tools.experiments import RunSpec, newcomer_curves, write_report
 
 
 def _run(folder: Path, overrides: dict, accs: list[dict[int, float]]) -> None:

@@ -18,12 +18,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from client_app.app import evaluate_models, train
+from client_app.app import evaluate, train
 from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import load_config
 from server_app.app import run_fml
 
 BASE = {
+    "data.partitioner": "shard",  # 4 clients x 2 shards: every class used
     "model.meme": "mlp",
     "model.local": "mlp",
     "federation.min_nodes": 4,
@@ -64,7 +65,7 @@ def _fault_mod(msg: Message, context: Context, call_next: Callable) -> Message:
 def _client_app() -> ClientApp:
     app = ClientApp(mods=[_fault_mod])
     app.train()(train)
-    app.evaluate()(evaluate_models)
+    app.evaluate()(evaluate)
     return app
 
 

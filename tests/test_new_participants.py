@@ -49,9 +49,17 @@ def _sampled(strategy: FedMutualLearning, server_round: int, grid: _Grid) -> set
     return {m.metadata.dst_node_id for m in sent}
 
 
+def _joining(rounds: dict[int, int]):
+    """A participation rule: node id -> first round (unlisted nodes: round 1)."""
+    return lambda server_round, nodes: [n for n in nodes if rounds.get(n, 1) <= server_round]
+
+
 def test_a_node_is_sampled_from_its_join_round_on() -> None:
     strategy = FedMutualLearning(
-        join_rounds={30: 3}, min_available_nodes=3, min_train_nodes=3, min_evaluate_nodes=3
+        participation=_joining({30: 3}),
+        min_available_nodes=3,
+        min_train_nodes=3,
+        min_evaluate_nodes=3,
     )
     grid = _Grid([10, 20, 30])
     assert _sampled(strategy, 1, grid) == {10, 20}
@@ -59,7 +67,7 @@ def test_a_node_is_sampled_from_its_join_round_on() -> None:
     assert _sampled(strategy, 3, grid) == {10, 20, 30}
     evaluated = strategy.configure_evaluate(2, ARRAYS, ConfigRecord(), grid)
     assert {m.metadata.dst_node_id for m in evaluated} == {10, 20}
-    # the lowered minimums hold only while sampling
+    # the minimums are not changed by sampling
     assert (
         strategy.min_available_nodes,
         strategy.min_train_nodes,
@@ -70,7 +78,7 @@ def test_a_node_is_sampled_from_its_join_round_on() -> None:
 def test_a_fraction_samples_a_fraction_of_the_joined_nodes() -> None:
     nodes = list(range(1, 11))
     strategy = FedMutualLearning(
-        join_rounds={n: 3 for n in nodes[4:]},  # 4 nodes from round 1, all 10 from round 3
+        participation=_joining({n: 3 for n in nodes[4:]}),  # 4 from round 1, all 10 from 3
         fraction_train=0.5,
         min_available_nodes=10,
         min_train_nodes=5,
@@ -82,10 +90,10 @@ def test_a_fraction_samples_a_fraction_of_the_joined_nodes() -> None:
 def test_the_server_learns_partition_ids_and_asks_late_nodes() -> None:
     grid = _QueryGrid({101: 0, 102: 1, 103: 2, 104: 3})
     joins = PartitionJoins(grid, {2: 4, 3: 3}, timeout=5)
-    assert joins(grid.nodes) == {101: 1, 102: 1, 103: 4, 104: 3}
+    assert joins.rounds_of(grid.nodes) == {101: 1, 102: 1, 103: 4, 104: 3}
     joins.check_known()
     assert grid.queried == [101, 102, 103, 104]
-    strategy = FedMutualLearning(join_rounds_fn=joins, min_available_nodes=2, min_train_nodes=2)
+    strategy = FedMutualLearning(participation=joins, min_available_nodes=2, min_train_nodes=2)
     assert _sampled(strategy, 1, grid) == {101, 102}
     # node 104 restarts and comes back as 106; node 105 (partition 4, not listed) connects
     grid.partitions.update({105: 4, 106: 3})
@@ -94,9 +102,9 @@ def test_the_server_learns_partition_ids_and_asks_late_nodes() -> None:
     assert grid.queried == [101, 102, 103, 104, 105, 106]  # only the new ids were asked
     assert _sampled(strategy, 3, grid) == {101, 102, 105, 106}
     resumed = PartitionJoins(grid, {2: 4}, timeout=5, round_offset=2)
-    assert resumed([103]) == {103: 2}
+    assert resumed.rounds_of([103]) == {103: 2}
     typo = PartitionJoins(grid, {7: 2}, timeout=5)
-    typo([101])
+    typo.rounds_of([101])
     with pytest.raises(ConfigError, match=r"partition ids \[7\] are held by no node"):
         typo.check_known()
 
@@ -112,7 +120,7 @@ def test_the_server_learns_partition_ids_and_asks_late_nodes() -> None:
 )
 def test_a_bad_partition_answer_stops_the_run(grid: _QueryGrid, message: str) -> None:
     with pytest.raises(RuntimeError, match=message):
-        PartitionJoins(grid, {0: 2}, timeout=5)(list(grid.partitions))
+        PartitionJoins(grid, {0: 2}, timeout=5).rounds_of(list(grid.partitions))
 
 
 def test_join_round_config_is_checked() -> None:

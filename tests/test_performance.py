@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import client_app.app as client_module
-from fml_flower.bench import floor_epoch, our_epoch
 from fml_flower.checkpoint import CheckpointError
 from fml_flower.config import ConfigError, load_config
 from fml_flower.models import build_model
@@ -23,6 +22,7 @@ from fml_flower.tensors import (
 )
 from fml_flower.training import EpochStats, mutual_learning_epoch, sgd
 from server_app.grid import PollingGrid
+from tools.bench import floor_epoch, our_epoch
 
 
 def test_the_benchmark_floor_does_exactly_our_epochs_work() -> None:
@@ -50,7 +50,7 @@ def test_epoch_stats_are_the_per_example_means() -> None:
     local = build_model("mlp", (1, 28, 28), 10, seed=1)
     meme = build_model("mlp", (1, 28, 28), 10, seed=2)
     stats = mutual_learning_epoch(
-        local, meme, sgd(local, 0.0, 0, 0), sgd(meme, 0.0, 0, 0), x, y, 32, 0.5, 0.5
+        local, meme, sgd(local, 0.0, 0, 0), sgd(meme, 0.0, 0, 0), (x, y), 32, 0.5, 0.5
     )  # lr 0: the models do not move, so the means can be recomputed on the whole set
     m = stats.means()
     with torch.no_grad():
@@ -89,11 +89,8 @@ def test_partition_cache_round_trip_and_refusals(tmp_path) -> None:
 
 def test_a_node_with_a_state_dir_partitions_its_data_once(tmp_path, monkeypatch) -> None:
     cfg = load_config("base", {})
-    client_module._DATA_CACHE.clear()
-    first, info = client_module.client_data(cfg, 1, 10, tmp_path)
+    first, info = client_module.ClientDataCache().get(cfg, 1, 10, tmp_path)
     assert len(list(tmp_path.glob("partition-p1-*.pt"))) == 1
-    client_module._DATA_CACHE.clear()  # as in a new ClientApp process
-    client_module._DATASETS.clear()
 
     def no_partitioning(*args: object) -> None:
         raise AssertionError("the cached partition was not used")
@@ -101,9 +98,9 @@ def test_a_node_with_a_state_dir_partitions_its_data_once(tmp_path, monkeypatch)
     import fml_flower.data
 
     monkeypatch.setattr(fml_flower.data, "federated_data", no_partitioning)
-    again, info_again = client_module.client_data(cfg, 1, 10, tmp_path)
+    # a new ClientApp process: a new cache, which must read the partition from disk
+    again, info_again = client_module.ClientDataCache().get(cfg, 1, 10, tmp_path)
     assert torch.equal(first.train.x, again.train.x) and info == info_again
-    client_module._DATA_CACHE.clear()
 
 
 class _FakeGrid:
@@ -144,7 +141,7 @@ def test_poll_interval_is_validated() -> None:
 
 
 def test_bench_store_rewrites_only_its_section(tmp_path, monkeypatch) -> None:
-    import fml_flower.bench as bench
+    import tools.bench as bench
 
     doc = tmp_path / "performance.md"
     doc.write_text(f"# Reading before\n\n{bench.BEGIN}\nold table\n{bench.END}\n\nReading after\n")

@@ -6,11 +6,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client_app.app import evaluate_models, train
-from client_app.methods import MEME_PRIVATE_KEY
+import fml_flower.methods.fml as fml_method
+from client_app.app import evaluate, train
+from client_app.state import ContextStore
 from fml_flower.config import ConfigError, load_config
+from fml_flower.methods import get_method
 from fml_flower.models import build_model, matching_keys
-from server_app.methods import has_complete_global_model
+from fml_flower.personal import MEME_PRIVATE, cpu_state
+from fml_flower.settings import RoundSettings
 from strategies import FedMutualLearning
 from tests.test_strategy import _Grid, _reply
 
@@ -34,13 +37,34 @@ def _shared() -> ArrayRecord:
 
 
 def _message(kind: str, server_round: int = 1, lr: float = 0.05) -> Message:
-    config = ConfigRecord({"server-round": server_round, "lr": lr, "alpha": 0.5, "beta": 0.5})
+    """A message as FedMutualLearning sends it (the shared part of the meme only)."""
+    if kind == MessageType.TRAIN:
+        settings = RoundSettings(
+            lr=lr, local_epochs=1, batch_size=32, round=server_round, alpha=0.5, beta=0.5
+        )
+        config = ConfigRecord({"server-round": server_round, **settings.to_config()})
+    else:
+        config = ConfigRecord({"server-round": server_round, "round": server_round})
     return Message(
         RecordDict({"arrays": _shared(), "config": config}), dst_node_id=11, message_type=kind
     )
 
 
-def test_meme_head_stays_on_the_client_between_rounds() -> None:
+def _kept_head(context: Context) -> dict[str, torch.Tensor]:
+    saved = ContextStore(context.state).load(MEME_PRIVATE)
+    assert saved is not None, "the meme's private part was not kept"
+    return saved.state
+
+
+def test_meme_head_stays_on_the_client_between_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    memes_at_start: list[dict[str, torch.Tensor]] = []  # the meme as each round trains it
+    real_step = fml_method.mutual_step
+
+    def spy(local: torch.nn.Module, meme: torch.nn.Module, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        memes_at_start.append(cpu_state(meme))
+        return real_step(local, meme, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fml_method, "mutual_step", spy)
     context = Context(
         run_id=1,
         node_id=11,
@@ -52,15 +76,17 @@ def test_meme_head_stays_on_the_client_between_rounds() -> None:
     head = set(matching_keys(_mlp(), HEAD))
     assert head == {"net.5.weight", "net.5.bias"}
     assert set(reply.content["arrays"].keys()) == set(_mlp().state_dict()) - head
-    kept = context.state[MEME_PRIVATE_KEY].to_torch_state_dict()
+    kept = _kept_head(context)
     assert set(kept) == head
-    train(_message(MessageType.TRAIN, 2, lr=0.0), context)  # lr 0: the head must come back as kept
-    again = context.state[MEME_PRIVATE_KEY].to_torch_state_dict()
-    assert all(torch.equal(kept[k], again[k]) for k in head)
+    assert not all(torch.equal(kept[k], memes_at_start[0][k]) for k in head)  # trained
+    # Round 2 must start from the kept head, bit for bit (and train it further).
+    train(_message(MessageType.TRAIN, 2), context)
+    assert len(memes_at_start) == 2
+    assert all(torch.equal(kept[k], memes_at_start[1][k]) for k in head)
+    again = _kept_head(context)
+    assert set(again) == head and not all(torch.equal(kept[k], again[k]) for k in head)
     metrics = next(
-        iter(
-            evaluate_models(_message(MessageType.EVALUATE), context).content.metric_records.values()
-        )
+        iter(evaluate(_message(MessageType.EVALUATE), context).content.metric_records.values())
     )
     assert 0 <= metrics["global_acc"] <= 1  # shared body + this client's own meme head
 
@@ -89,9 +115,16 @@ def test_strategy_sends_and_expects_only_the_shared_part() -> None:
 
 
 def test_private_patterns_config() -> None:
-    cfg = load_config("base", {"model.private_patterns": "['^classifier\\\\.2\\\\.']"})
-    assert not has_complete_global_model(cfg)
+    cfg = load_config("base", {"model.private_patterns": "['^classifier[.]3[.]']"})
+    meme = build_model(cfg.model.meme, (1, 28, 28), 10)  # the base meme: a cnn
+    assert matching_keys(meme, cfg.model.private_patterns) == [
+        "classifier.3.weight",
+        "classifier.3.bias",
+    ]  # its last layer stays on the clients
+    fml = get_method(cfg.train.method)
+    assert not fml.central_evaluation(cfg, meme)
+    assert fml.central_evaluation(load_config("base", {}), meme)  # the whole meme is shared
     with pytest.raises(ConfigError, match=r"model\.private_patterns: .* is not a regex"):
         load_config("base", {"model.private_patterns": "['(']"})
-    with pytest.raises(ConfigError, match=r"supported for train\.method=fml"):
+    with pytest.raises(ConfigError, match=r"not supported by train\.method=fedavg"):
         load_config("base", {"model.private_patterns": "['x']", "train.method": "fedavg"})

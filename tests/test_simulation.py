@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fml_flower.launch import run_app, run_status, simulation_superlink
+from tools.launch import run_app, run_status, simulation_superlink
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +23,7 @@ def test_two_rounds_in_simulation_write_the_results_folder(tmp_path: Path) -> No
             connection,
             {
                 "federation.num_rounds": 2,
+                "data.partitioner": "shard",  # 4 clients x 2 shards: every class used
                 "model.meme": "mlp",
                 "model.local": "lenet5",
                 "model.local_per_client": "{1: mlp, 2: cnn}",

@@ -16,6 +16,7 @@ from flwr.app import (
 )
 from torch import nn
 
+from fml_flower.settings import RoundSettings
 from strategies import FedMutualLearning
 from strategies.aggregation import weighted_average_arrays
 
@@ -76,20 +77,59 @@ def test_weighted_average_with_batchnorm_buffers() -> None:
     assert counter.item() == round(0.25 * 1 + 0.75 * 3)
 
 
-def test_configure_train_sends_alpha_beta_and_round_values() -> None:
+def test_configure_train_sends_exactly_the_constructor_values() -> None:
     reference = ArrayRecord(_bn_model(0).state_dict())
     strategy = FedMutualLearning(
         alpha=0.3,
-        beta=0.7,
+        beta=lambda r: 0.1 if r < 3 else 0.9,
+        lr=lambda r: 0.1 / r,
+        local_epochs=3,
+        batch_size=16,
+        momentum=0.9,
+        weight_decay=5e-4,
         min_available_nodes=2,
         min_train_nodes=2,
-        round_config_fn=lambda r: {"lr": 0.1 / r},
+        round_offset=1,  # a resumed run: round 2 of this run is round 3
     )
     messages = list(strategy.configure_train(2, reference, ConfigRecord(), _Grid([1, 2])))
     assert len(messages) == 2
-    config = messages[0].content["config"]
-    assert (config["alpha"], config["beta"], config["lr"]) == (0.3, 0.7, 0.05)
-    assert config["server-round"] == 2
+    config = dict(messages[0].content["config"])
+    assert config == {
+        "lr": pytest.approx(0.1 / 3),
+        "local-epochs": 3,
+        "batch-size": 16,
+        "momentum": 0.9,
+        "weight-decay": 5e-4,
+        "round": 3,
+        "alpha": 0.3,
+        "beta": 0.9,
+        "server-round": 2,
+    }
+    # what the client reads back is what the strategy says it sends
+    settings = RoundSettings.from_config(config, fml=True)
+    assert settings == strategy.settings(2)
+
+
+def test_summary_logs_what_is_sent(caplog: pytest.LogCaptureFixture) -> None:
+    from flwr.common.logger import FLOWER_LOGGER
+
+    FLOWER_LOGGER.addHandler(caplog.handler)
+    try:
+        FedMutualLearning(alpha=0.2, beta=lambda r: 0.5, lr=0.05, batch_size=8).summary()
+    finally:
+        FLOWER_LOGGER.removeHandler(caplog.handler)
+    text = caplog.text
+    assert "alpha: 0.2" in text and "lr: 0.05" in text and "batch-size: 8" in text
+    assert "beta: 0.5 (per round)" in text and "alpha: 0.2 (per round)" not in text
+
+
+def test_client_refuses_a_config_the_strategy_would_not_send() -> None:
+    with pytest.raises(ValueError, match=r"lacks \['lr', 'local-epochs'"):
+        RoundSettings.from_config({"alpha": 0.5, "beta": 0.5, "batch-size": 8}, fml=True)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0.0, 1.0\], got 1.5"):
+        RoundSettings.from_config(
+            {"lr": 0.1, "local-epochs": 1, "batch-size": 8, "alpha": 1.5, "beta": 0.5}
+        )
 
 
 def test_aggregate_train_weights_by_examples() -> None:
@@ -209,6 +249,8 @@ def test_aggregate_evaluate_reports_mean_and_spread() -> None:
 def test_alpha_out_of_range_is_refused() -> None:
     with pytest.raises(ValueError, match="alpha must be in"):
         FedMutualLearning(alpha=2.0)
+    with pytest.raises(ValueError, match="beta must be in"):
+        FedMutualLearning(beta=lambda r: 1.2)  # a schedule's first value is checked too
 
 
 def test_weighted_average_needs_positive_weights() -> None:

@@ -60,13 +60,12 @@ def test_each_client_trains_on_its_own_dataset(tmp_path: Path) -> None:
     _dataset(tmp_path / "digits", 10)
     _dataset(tmp_path / "clothes", 200)
     cfg = _cfg(tmp_path)
-    client_module._DATA_CACHE.clear()
-    digits, _ = client_module.client_data(cfg, 0, 4)
-    clothes, _ = client_module.client_data(cfg, 1, 4)
+    cache = client_module.ClientDataCache()
+    digits, _ = cache.get(cfg, 0, 4, None)
+    clothes, _ = cache.get(cfg, 1, 4, None)
     assert float(digits.train.x.max()) == pytest.approx(10 / 255)
     assert float(clothes.train.x.min()) == pytest.approx(200 / 255)
     assert len(clothes.train) + len(clothes.test) == 60  # half of 120: 2 clothes clients
-    client_module._DATA_CACHE.clear()
 
 
 def test_a_node_can_name_its_own_dataset(tmp_path: Path) -> None:
@@ -94,8 +93,8 @@ def test_server_checks_every_dataset_before_training(tmp_path: Path) -> None:
     _dataset(tmp_path / "big", 1, size=12)
     cfg = _cfg(tmp_path)
     central = federated_data(cfg.data, 4)
-    sizes = check_client_datasets(cfg.data, 4, central)
-    assert sorted(sizes) == ["clothes", "digits"] and sum(sizes["clothes"]) == 120
+    reports = check_client_datasets(cfg.data, 4, central)
+    assert sorted(reports) == ["clothes", "digits"] and sum(reports["clothes"].sizes) == 120
     with pytest.raises(ConfigError, match=r"partition ids \[3\] but only 3 clients"):
         check_client_datasets(cfg.data, 3, federated_data(cfg.data, 3))
     other = _cfg(tmp_path, **{"data.name_per_client": {1: "big"}}).data
@@ -109,8 +108,10 @@ def test_task_heads_never_leave_their_clients(tmp_path: Path) -> None:
     """Digits and clothes clients share the meme body; each keeps its own head."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 
-    from client_app.methods import MEME_PRIVATE_KEY
+    from client_app.state import ContextStore
     from fml_flower.models import build_model, matching_keys
+    from fml_flower.personal import MEME_PRIVATE
+    from fml_flower.settings import RoundSettings
 
     _dataset(tmp_path / "digits", 10)
     _dataset(tmp_path / "clothes", 200)
@@ -131,15 +132,15 @@ def test_task_heads_never_leave_their_clients(tmp_path: Path) -> None:
     meme = build_model("mlp", (1, 8, 8), 4, seed=0)
     head = set(matching_keys(meme, head_pattern))
     body = ArrayRecord({k: v for k, v in meme.state_dict().items() if k not in head})
-    config = ConfigRecord({"server-round": 1, "lr": 0.1, "alpha": 0.5, "beta": 0.5})
+    config = ConfigRecord(RoundSettings(lr=0.1, alpha=0.5, beta=0.5).to_config())
     kept = {}
-    client_module._DATA_CACHE.clear()
     for pid in (0, 1):  # a digits client and a clothes client
         ctx = Context(1, pid, {"partition-id": pid, "num-partitions": 4}, RecordDict(), run_config)
         msg = Message(RecordDict({"arrays": body, "config": config}), pid, MessageType.TRAIN)
         reply = client_module.train(msg, ctx)
         assert set(reply.content["arrays"].keys()) == set(body.keys())  # no head array
-        kept[pid] = ctx.state[MEME_PRIVATE_KEY].to_torch_state_dict()
+        saved = ContextStore(ctx.state).load(MEME_PRIVATE)
+        assert saved is not None
+        kept[pid] = saved.state
         assert set(kept[pid]) == head
-    client_module._DATA_CACHE.clear()
     assert not torch.equal(kept[0]["net.5.weight"], kept[1]["net.5.weight"])  # own tasks

@@ -11,6 +11,7 @@ from torch import nn
 from fml_flower.models import build_model
 from fml_flower.training import (
     EpochStats,
+    batches,
     evaluate,
     kl_to_target,
     mutual_learning_epoch,
@@ -101,8 +102,7 @@ def test_epoch_gradients_match_separate_losses(update: str) -> None:
         meme,
         sgd(local, 0.1, 0, 0),
         sgd(meme, 0.1, 0, 0),
-        x,
-        y,
+        (x, y),
         batch_size=64,
         alpha=0.4,
         beta=0.7,
@@ -139,8 +139,7 @@ def test_mutual_learning_reduces_loss_and_reports_stats() -> None:
             meme,
             sgd(local, 0.05, 0.9, 0),
             sgd(meme, 0.05, 0.9, 0),
-            x,
-            y,
+            (x, y),
             16,
             0.5,
             0.5,
@@ -156,7 +155,7 @@ def test_unknown_update_mode_is_refused() -> None:
     m = build_model("mlp", (1, 8, 8), 3)
     with pytest.raises(ValueError, match="update must be one of"):
         mutual_learning_epoch(
-            m, m, sgd(m, 0.1, 0, 0), sgd(m, 0.1, 0, 0), x, y, 8, 0.5, 0.5, update="alternating"
+            m, m, sgd(m, 0.1, 0, 0), sgd(m, 0.1, 0, 0), (x, y), 8, 0.5, 0.5, update="alternating"
         )
 
 
@@ -167,10 +166,63 @@ def test_proximal_term_pulls_towards_start() -> None:
     start = [p.detach().clone() for p in free.parameters()]
     for model, mu in ((free, 0.0), (prox, 10.0)):
         supervised_epoch(
-            model, sgd(model, 0.1, 0, 0), x, y, 8, torch.Generator().manual_seed(0), proximal_mu=mu
+            model,
+            sgd(model, 0.1, 0, 0),
+            (x, y),
+            8,
+            torch.Generator().manual_seed(0),
+            proximal_mu=mu,
         )
 
     def dist(m: nn.Module) -> float:
         return sum(((p - s) ** 2).sum().item() for p, s in zip(m.parameters(), start, strict=True))
 
     assert dist(prox) < dist(free)
+
+
+@pytest.mark.parametrize(
+    ("n", "policy", "sizes"),
+    [
+        (10, "keep", [4, 4, 2]),
+        (10, "drop", [4, 4]),
+        (10, "merge", [4, 6]),
+        (8, "merge", [4, 4]),
+        (3, "drop", [3]),  # fewer than one batch: always one step on all of them
+        (3, "merge", [3]),
+    ],
+)
+def test_last_batch_policy(n: int, policy: str, sizes: list[int]) -> None:
+    x, y = torch.arange(n).float().view(n, 1), torch.arange(n)
+    got = list(batches(x, y, 4, torch.Generator().manual_seed(0), policy))
+    assert [len(b[1]) for b in got] == sizes
+    seen = torch.cat([b[1] for b in got])
+    assert len(set(seen.tolist())) == len(seen)  # no example twice in an epoch
+    if policy != "drop":
+        assert sorted(seen.tolist()) == list(range(n))
+
+
+def test_epoch_takes_a_dataloader_and_int32_labels() -> None:
+    x, y = _toy()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y.to(torch.int32)), batch_size=16
+    )
+    local = build_model("mlp", (1, 8, 8), 3, seed=1)
+    meme = build_model("mlp", (1, 8, 8), 3, seed=2)
+    stats = mutual_learning_epoch(
+        local, meme, sgd(local, 0.1, 0, 0), sgd(meme, 0.1, 0, 0), loader, 999, 0.5, 0.5
+    )
+    assert stats.examples == 64
+
+
+def test_weights_outside_unit_interval_are_refused_where_used() -> None:
+    x, y = _toy()
+    m = build_model("mlp", (1, 8, 8), 3)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
+        mutual_learning_epoch(m, m, sgd(m, 0.1, 0, 0), sgd(m, 0.1, 0, 0), (x, y), 8, 1.5, 0.5)
+
+
+def test_float_labels_are_refused() -> None:
+    x, y = _toy()
+    m = build_model("mlp", (1, 8, 8), 3)
+    with pytest.raises(TypeError, match="integer class indices"):
+        supervised_epoch(m, sgd(m, 0.1, 0, 0), (x, y.float()), 8)

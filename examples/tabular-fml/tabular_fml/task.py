@@ -19,9 +19,6 @@ import torch
 from sklearn.datasets import load_breast_cancer
 from torch import nn
 
-PERSONAL_ARCH = "mlp-64x64"
-"""Name stored with the personalized model; a stored model of another name is refused."""
-
 MIN_PARTITION_SIZE = 20
 TEST_FRACTION = 0.2
 

@@ -1,7 +1,7 @@
 """Run a sweep of (method x setting) runs through Flower's simulation engine.
 
-    python -m fml_flower.experiments p1                 # conf/sweeps/p1.yaml
-    python -m fml_flower.experiments p1 --only fml fedavg --out docs/results
+    python -m tools.experiments p1                 # conf/sweeps/p1.yaml
+    python -m tools.experiments p1 --only fml fedavg --out docs/results
 
 One SuperLink (simulation, loopback, private FLWR_HOME) serves the runs one after another.
 A run whose ``metrics.json`` is complete is skipped, so an interrupted sweep resumes where it
@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from fml_flower.config import CONF_DIR, ConfigError, load_config, read_run_config
-from fml_flower.launch import run_app, run_status, simulation_superlink
+from tools.launch import run_app, run_status, simulation_superlink
 
 ROOT = CONF_DIR.parent
 
@@ -201,7 +201,7 @@ def write_report(name: str, sweep_dir: Path, runs: list[RunSpec]) -> Path:
     lines = [
         f"# Sweep `{name}`",
         "",
-        f"Written {datetime.now():%Y-%m-%d %H:%M} by `python -m fml_flower.experiments {name}` "
+        f"Written {datetime.now():%Y-%m-%d %H:%M} by `python -m tools.experiments {name}` "
         "from the runs' `metrics.json`. Accuracies in %, final round; personalized = each "
         "client's model on its own test part (mean weighted by test examples, [min, max] over "
         "clients); global = the global model on the clients' test parts and on the central "

@@ -1,10 +1,10 @@
 """Performance benchmark: FML against the plain-PyTorch floor, and Flower's share of a round.
 
-    python -m fml_flower.bench epoch             # (1)+(2) floor vs our epoch, P1 and CIFAR-10
-    python -m fml_flower.bench sim               # (3) P1 through Flower's simulation engine
-    python -m fml_flower.bench sim100            # (4) 100 clients, 10% sampled per round
-    python -m fml_flower.bench deploy --before <dir>   # (5) loopback deployment, before/after
-    python -m fml_flower.bench all
+    python -m tools.bench epoch             # (1)+(2) floor vs our epoch, P1 and CIFAR-10
+    python -m tools.bench sim               # (3) P1 through Flower's simulation engine
+    python -m tools.bench sim100            # (4) 100 clients, 10% sampled per round
+    python -m tools.bench deploy --before <dir>   # (5) loopback deployment, before/after
+    python -m tools.bench all
 
 Each part prints its table, stores its numbers in ``docs/performance/<part>.json`` and
 rewrites the generated section of ``docs/performance.md`` (between the ``bench`` markers)
@@ -123,8 +123,7 @@ def our_epoch(
         meme,
         sgd(local, lr, 0.0, 0.0),
         sgd(meme, lr, 0.0, 0.0),
-        x,
-        y,
+        (x, y),
         batch_size,
         alpha,
         beta,
@@ -262,26 +261,24 @@ def _round_costs(run_dir: Path, workers: int) -> dict[str, Any]:
     central evaluation and workers waiting for the slowest one; *Flower's share* is what
     is left of the round after the busiest worker's client compute and the central
     evaluation (ours), ``1 - (busiest + central) / wall``: message passing, state
-    transfer, scheduling and polling.
+    transfer, scheduling and polling. Replies do not say which worker ran a client, so
+    the busiest worker's compute is taken as ``compute / workers`` (even sharing: a lower
+    bound, so Flower's share is an upper bound).
     """
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rounds = [r for r in metrics["rounds"] if r["round"] > 0]
     walls, computes, idle, flower, central = [], [], [], [], []
     for r in rounds:
-        busy: dict[Any, float] = {}
-        for c in r.get("clients_train", {}).values():
-            w = c.get("worker_pid")
-            busy[w] = busy.get(w, 0.0) + c.get("setup_seconds", 0) + c.get("train_seconds", 0)
-        for c in r.get("clients", {}).values():
-            w = c.get("worker_pid")
-            busy[w] = busy.get(w, 0.0) + c.get("eval_seconds", 0)
-        compute = sum(busy.values())
+        compute = sum(
+            c.get("setup_seconds", 0) + c.get("train_seconds", 0)
+            for c in r.get("clients_train", {}).values()
+        ) + sum(c.get("eval_seconds", 0) for c in r.get("clients", {}).values())
         central_s = r.get("central_seconds", 0.0)
         walls.append(r["seconds"])
         computes.append(compute)
         central.append(central_s)
         idle.append(max(0.0, 1 - compute / (workers * r["seconds"])))
-        flower.append(max(0.0, 1 - (max(busy.values(), default=0.0) + central_s) / r["seconds"]))
+        flower.append(max(0.0, 1 - (compute / workers + central_s) / r["seconds"]))
     setup = [c.get("setup_seconds", 0) for r in rounds for c in r["clients_train"].values()]
     return {
         "rounds": len(rounds),
@@ -310,8 +307,8 @@ def bench_simulation(
     """P1 (or a larger federation) through ``flwr run`` on a simulation SuperLink, once per
     (CPUs per client, server poll interval) pair.
     """
-    from fml_flower.experiments import PeakMemory
-    from fml_flower.launch import run_app, run_status, simulation_superlink
+    from tools.experiments import PeakMemory
+    from tools.launch import run_app, run_status, simulation_superlink
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="fml-bench-") as tmp:
@@ -373,7 +370,7 @@ def bench_deployment(app_dirs: dict[str, Path], rounds: int, trials: int) -> dic
     """SuperLink + 2 SuperNodes on loopback, trivial work (mlp, 2 x ~160 digits), for
     each app folder in ``app_dirs`` (e.g. the code before and after a change), alternating.
     """
-    from fml_flower.launch import deployment, run_app, run_status
+    from tools.launch import deployment, run_app, run_status
 
     rows = []
     for trial in range(trials):
@@ -603,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "report":
         store_section()
         return 0
-    command = "python -m fml_flower.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m tools.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     cpus = [int(c) for c in args.client_cpus.split(",")]
     polls = [float(p) for p in args.poll_intervals.split(",")]
     todo = ["epoch", "sim", "sim100", "deploy"] if args.part == "all" else [args.part]

@@ -1,0 +1,118 @@
+"""FML on the client, for any Flower app: one function per message type.
+
+In your ClientApp::
+
+    from client_app.fml import evaluate as fml_evaluate, train as fml_train
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = fml_train(msg.content, context.state, meme=MemeNet(), local=MyNet(),
+                          data=(x_train, y_train))
+        return Message(reply, reply_to=msg)
+
+``msg.content`` is what :class:`strategies.FedMutualLearning` sent (the global arrays and a
+ConfigRecord with ``lr``, ``local-epochs``, ``batch-size``, ``momentum``,
+``weight-decay``, ``alpha``, ``beta``, ``round``); ``context.state`` keeps the
+personalized model and its optimizer between rounds. Nothing else is needed: no
+architecture name, no learning rate, no config of your own.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from torch import nn
+
+from client_app.state import ContextStore
+from fml_flower.personal import PERSONAL, cpu_state, load_model, save_model
+from fml_flower.settings import RoundSettings
+from fml_flower.training import Batches, as_labels, mutual_step, run_epochs, sgd
+from fml_flower.training import evaluate as evaluate_model
+
+
+def train(
+    content: RecordDict,
+    state: RecordDict,
+    *,
+    meme: nn.Module,
+    local: nn.Module,
+    data: Batches,
+    update: str = "simultaneous",
+    last_batch: str = "keep",
+    generator: torch.Generator | None = None,
+) -> RecordDict:
+    """One FML round: the reply to a training message of ``FedMutualLearning``.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The message's content: the global arrays (``"arrays"``) and the round's config
+        (``"config"``).
+    state : RecordDict
+        The node's ``context.state``: the personalized model and its optimizer state are
+        restored from it (created on the first round) and stored back.
+    meme : nn.Module
+        A model of the global architecture; it receives the global weights and gets a
+        fresh optimizer.
+    local : nn.Module
+        This client's personalized model, any architecture; freshly built (its weights are
+        replaced by the stored ones from the second round on, and a model of another
+        architecture than the stored one is refused).
+    data : tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
+        The client's training data: ``(x, y)`` tensors (shuffled and batched with the
+        strategy's ``batch-size``) or a DataLoader (used as it is). Labels: any integer dtype.
+    update : str (default: "simultaneous")
+        ``simultaneous`` (FML) or ``sequential`` (the original DML).
+    last_batch : str (default: "keep")
+        With tensors: ``keep``, ``drop`` or ``merge`` the last incomplete batch.
+    generator : Optional[torch.Generator]
+        Seeds the batch order (with tensors).
+
+    Returns
+    -------
+    RecordDict
+        ``"arrays"``: the meme's state dict (parameters and buffers) only; ``"metrics"``:
+        ``num-examples`` and the mean training losses and accuracies of both models.
+    """
+    s = RoundSettings.from_config(content["config"], fml=True)  # type: ignore[arg-type]
+    meme.load_state_dict(content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
+    device = next(meme.parameters()).device
+    local.to(device)
+    store = ContextStore(state)
+    opt_meme = sgd(meme, s.lr, s.momentum, s.weight_decay)  # fresh momentum every round
+    opt_local = sgd(local, s.lr, s.momentum, s.weight_decay)
+    load_model(store, PERSONAL, local, opt_local)  # keeps this round's lr
+    step = mutual_step(local, meme, opt_local, opt_meme, s.alpha, s.beta, update)  # type: ignore[arg-type]
+    stats = run_epochs(step, data, s.batch_size, s.local_epochs, generator, last_batch)
+    save_model(store, PERSONAL, local, opt_local)
+    metrics = {**stats.means(), "num-examples": stats.examples // s.local_epochs}
+    return RecordDict({"arrays": ArrayRecord(cpu_state(meme)), "metrics": MetricRecord(metrics)})
+
+
+def evaluate(
+    content: RecordDict, state: RecordDict, *, meme: nn.Module, local: nn.Module, data: Batches
+) -> RecordDict:
+    """The reply to an evaluation message: the global model and (once this client has
+    trained) its personalized model on ``data``, as ``global_acc``/``global_loss``,
+    ``personal_acc``/``personal_loss`` and ``num-examples``.
+    """
+    meme.load_state_dict(content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
+    device = next(meme.parameters()).device
+    x, y = _all(data)
+    metrics: dict[str, float | int] = {"num-examples": len(y)}
+    g = evaluate_model(meme, x.to(device), y.to(device))
+    metrics.update(global_acc=g.accuracy, global_loss=g.loss)
+    if load_model(ContextStore(state), PERSONAL, local.to(device)):
+        p = evaluate_model(local, x.to(device), y.to(device))
+        metrics.update(personal_acc=p.accuracy, personal_loss=p.loss)
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def _all(data: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of ``data`` as two tensors, in order (no shuffling), labels as int64."""
+    if isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        x, y = data
+    else:
+        batches = list(data)  # type: ignore[arg-type]
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    return x, as_labels(y)

@@ -1,0 +1,1 @@
+"""Tooling outside the domain core: process launch, sweeps, benchmarks (not in the wheel)."""
