@@ -384,9 +384,7 @@ def _only_metrics(msg: Message) -> MetricRecord:
     return next(iter(msg.content.metric_records.values()))
 
 
-def _per_client(
-    replies: list[Message], metrics: list[MetricRecord]
-) -> dict[int, dict[str, float]]:
+def _per_client(replies: list[Message], metrics: list[MetricRecord]) -> dict[int, dict[str, float]]:
     """Numeric metrics by client: its ``partition_id`` if it reports one, else its node id."""
     out = {}
     for msg, m in zip(replies, metrics, strict=True):
