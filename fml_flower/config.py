@@ -9,6 +9,7 @@ raises :class:`ConfigError` naming the key and what is allowed.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -340,11 +341,7 @@ def run_config_defaults() -> dict[str, Any]:
     for key, value in _schema_leaves(base).items():
         if key == "experiment":
             continue
-        if isinstance(value, DictConfig | ListConfig):
-            text = yaml.safe_dump(OmegaConf.to_container(value), default_flow_style=True)
-            out[key] = text.strip()
-        else:
-            out[key] = value
+        out[key] = _as_run_config(value)
     return out
 
 
@@ -365,7 +362,29 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FMLConfig:
         for k, v in run_config.items()
         if k != "experiment" and v != "" and not (k in defaults and _same(defaults[k], v))
     }
-    return load_config(experiment, overrides)
+    cfg = load_config(experiment, overrides)
+    if experiment != "base":  # say where a base value cannot win over the experiment file
+        leaves = _schema_leaves(OmegaConf.structured(cfg))
+        for key, value in run_config.items():
+            if key in defaults and key not in overrides and value != "":
+                used = leaves.get(key)
+                if used is not None and not _same(defaults[key], _as_run_config(used)):
+                    logging.getLogger("flwr").warning(
+                        "run-config %s=%r equals conf/base.yaml's value, which is also what "
+                        "Flower passes when the key is not set, so conf/%s.yaml's %r is used; "
+                        "to run %s with the base value, change it in an experiment file",
+                        key, value, experiment, _as_run_config(used), experiment,
+                    )
+    return cfg
+
+
+def _as_run_config(value: Any) -> Any:
+    """A config value as the run-config writes it (lists and mappings as YAML text)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return yaml.safe_dump(OmegaConf.to_container(value), default_flow_style=True).strip()
+    if isinstance(value, list | dict):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
+    return value
 
 
 def _same(default: Any, value: Any) -> bool:

@@ -9,8 +9,6 @@ schedule beta 0.1 -> 0.5 -> 0.9 tied to the learning-rate decay.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-
 from fml_flower.config import TrainConfig
 
 
@@ -19,35 +17,20 @@ def stage(server_round: int, decay_every: int) -> int:
     return (server_round - 1) // decay_every if decay_every > 0 else 0
 
 
-@dataclass(frozen=True)
-class RoundSettings:
-    """What the server tells clients to use in one round."""
-
-    lr: float
-    alpha: float
-    beta: float
-
-
-def round_settings(train: TrainConfig, server_round: int) -> RoundSettings:
-    """The learning rate, alpha and beta of ``server_round``."""
-    k = stage(server_round, train.lr_decay_every)
-
-    def pick(schedule: list[float], constant: float) -> float:
-        return schedule[min(k, len(schedule) - 1)] if schedule else constant
-
-    return RoundSettings(
-        lr=train.lr * train.lr_decay_gamma**k,
-        alpha=pick(train.alpha_schedule, train.alpha),
-        beta=pick(train.beta_schedule, train.beta),
-    )
+def step_decay(lr: float, every: int, gamma: float = 0.1) -> Callable[[int], float]:
+    """A learning rate for ``FedMutualLearning(lr=...)``: ``lr`` multiplied by ``gamma``
+    every ``every`` rounds (round 1 uses ``lr``).
+    """
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    return lambda r: lr * gamma ** stage(r, every)
 
 
 def lr_schedule(train: TrainConfig) -> float | Callable[[int], float]:
     """``train.lr``, decayed by ``lr_decay_gamma`` every ``lr_decay_every`` rounds."""
     if train.lr_decay_every <= 0:
         return train.lr
-    lr, gamma, every = train.lr, train.lr_decay_gamma, train.lr_decay_every
-    return lambda r: lr * gamma ** stage(r, every)
+    return step_decay(train.lr, train.lr_decay_every, train.lr_decay_gamma)
 
 
 def stage_schedule(

@@ -15,7 +15,6 @@ from fml_flower.config import (
     load_config,
     run_config_defaults,
 )
-from fml_flower.schedule import round_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,6 +144,11 @@ def test_experiment_file_with_a_bad_key_is_refused(tmp_path: Path) -> None:
 
 
 def test_dynamic_schedule_follows_the_lr_decay() -> None:
+    """What the app's strategy sends per round: lr and beta change together by stage."""
+    from fml_flower.methods import get_method
+    from fml_flower.models import build_model
+    from server_app.strategy import make_strategy
+
     cfg = load_config(
         "base",
         {
@@ -153,10 +157,11 @@ def test_dynamic_schedule_follows_the_lr_decay() -> None:
             "train.beta_schedule": "[0.1, 0.5, 0.9]",
         },
     )
-    got = [round_settings(cfg.train, r) for r in range(1, 8)]
+    meme = build_model(cfg.model.meme, (1, 28, 28), 10)
+    strategy = make_strategy(cfg, get_method("fml"), meme)
+    got = [strategy.settings(r) for r in range(1, 8)]
     assert [s.beta for s in got] == [0.1, 0.1, 0.5, 0.5, 0.9, 0.9, 0.9]
-    assert got[0].lr == pytest.approx(0.01)
-    assert got[2].lr == pytest.approx(0.001)
+    assert [s.lr for s in got] == pytest.approx([0.01, 0.01, 0.001, 0.001, 1e-4, 1e-4, 1e-5])
     assert all(s.alpha == 0.5 for s in got)
 
 
@@ -196,3 +201,22 @@ def test_lists_and_maps_survive_the_run_config(key: str, value: object) -> None:
     section, name = key.split(".")
     overrides = {key: text, "train.lr_decay_every": 4}  # a schedule needs stages
     assert getattr(getattr(load_config("base", overrides), section), name) == value
+
+
+def test_a_base_value_that_cannot_override_the_experiment_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Flower passes pyproject's (= base.yaml's) value for an unset key: such a value cannot
+    be told from a user's, so the experiment file wins, and the server says so.
+    """
+    (tmp_path / "mnist").mkdir()
+    monkeypatch.setenv("FML_DATA_ROOT", str(tmp_path))
+    from fml_flower.config import run_config_defaults
+
+    run_config = {**run_config_defaults(), "experiment": "p1", "train.alpha": 0.3}
+    with caplog.at_level("WARNING", logger="flwr"):
+        cfg = config_from_run_config(run_config)
+    assert cfg.data.source == "local" and cfg.train.alpha == 0.3  # p1's value, the override
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "data.source='embedded'" in warned and "conf/p1.yaml's 'local' is used" in warned
+    assert "train.alpha" not in warned and "seed=" not in warned
