@@ -373,7 +373,11 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FMLConfig:
                         "run-config %s=%r equals conf/base.yaml's value, which is also what "
                         "Flower passes when the key is not set, so conf/%s.yaml's %r is used; "
                         "to run %s with the base value, change it in an experiment file",
-                        key, value, experiment, _as_run_config(used), experiment,
+                        key,
+                        value,
+                        experiment,
+                        _as_run_config(used),
+                        experiment,
                     )
     return cfg
 

@@ -9,6 +9,7 @@ schedule beta 0.1 -> 0.5 -> 0.9 tied to the learning-rate decay.
 from __future__ import annotations
 
 from collections.abc import Callable
+
 from fml_flower.config import TrainConfig
 
 
