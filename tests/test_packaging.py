@@ -70,7 +70,32 @@ def test_flwr_build_makes_a_small_fab_without_data(tmp_path: Path) -> None:
     assert fab.stat().st_size < 10 * 1024 * 1024
     names = zipfile.ZipFile(fab).namelist()
     assert "conf/base.yaml" in names and "client_app/app.py" in names
+    assert "fml_flower/methods/fedrep.py" in names and "strategies/fml.py" in names
     assert not [n for n in names if n.endswith((".npz", ".parquet", ".ckpt", ".pt"))]
+    tops = {n.split("/")[0] for n in names if "/" in n}
+    assert tops - {".info"} == {"fml_flower", "strategies", "client_app", "server_app", "conf"}
+    assert fab.stat().st_size < 1024 * 1024  # code and YAML only: docs/results stay out
+
+
+def test_the_domain_core_is_plain_pytorch() -> None:
+    """fml_flower/ starts no processes and imports no Flower runtime (flwr-datasets, for
+    partitioning, is the one Flower package it uses), nor the apps or the tooling.
+    """
+    import ast
+
+    forbidden = ("subprocess", "flwr", "client_app", "server_app", "strategies", "tools")
+    found = []
+    for path in sorted((ROOT / "fml_flower").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                if name.split(".")[0] in forbidden:
+                    found.append(f"{path.relative_to(ROOT)}: {name}")
+    assert found == []
 
 
 def test_version_has_one_source() -> None:
