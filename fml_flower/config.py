@@ -9,6 +9,7 @@ raises :class:`ConfigError` naming the key and what is allowed.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -39,6 +40,10 @@ EMBEDDED_DATASETS = ("mnist5k",)
 PARTITIONERS = ("iid", "pathological", "shard", "dirichlet")
 LAST_BATCH = ("keep", "drop", "merge")
 UPDATES = ("simultaneous", "sequential")
+
+
+OVERRIDES_KEY = "overrides"
+"""Run-config key holding explicit overrides (see :func:`parse_explicit_overrides`)."""
 
 
 class ConfigError(ValueError):
@@ -356,30 +361,53 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FMLConfig:
     empty string also means "not set here".
     """
     experiment = str(run_config.get("experiment", "base") or "base")
+    explicit = parse_explicit_overrides(run_config.get(OVERRIDES_KEY, "{}"))
     defaults = run_config_defaults()
     overrides = {
         k: v
         for k, v in run_config.items()
-        if k != "experiment" and v != "" and not (k in defaults and _same(defaults[k], v))
+        if k not in ("experiment", OVERRIDES_KEY)
+        and v != ""
+        and not (k in defaults and _same(defaults[k], v))
     }
-    cfg = load_config(experiment, overrides)
+    cfg = load_config(experiment, {**overrides, **explicit})
     if experiment != "base":  # say where a base value cannot win over the experiment file
         leaves = _schema_leaves(OmegaConf.structured(cfg))
         for key, value in run_config.items():
-            if key in defaults and key not in overrides and value != "":
+            if key in defaults and key not in overrides and key not in explicit and value != "":
                 used = leaves.get(key)
                 if used is not None and not _same(defaults[key], _as_run_config(used)):
                     logging.getLogger("flwr").warning(
                         "run-config %s=%r equals conf/base.yaml's value, which is also what "
                         "Flower passes when the key is not set, so conf/%s.yaml's %r is used; "
-                        "to run %s with the base value, change it in an experiment file",
+                        "to set it anyway, pass %s='{%s: %s}'",
                         key,
                         value,
                         experiment,
                         _as_run_config(used),
-                        experiment,
+                        OVERRIDES_KEY,
+                        key,
+                        json.dumps(value),
                     )
     return cfg
+
+
+def parse_explicit_overrides(text: object) -> dict[str, Any]:
+    """The run-config key ``overrides``: a YAML mapping of dotted keys to values, applied
+    last and always (unlike a plain run-config key, whose base value means "not set").
+    """
+    try:
+        value = yaml.safe_load(str(text)) if str(text).strip() else {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{OVERRIDES_KEY}: not a YAML mapping ({err})") from err
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(
+            f"{OVERRIDES_KEY}: must be a mapping of dotted keys to values, e.g. "
+            f"'{{federation.num_rounds: 10}}', got {text!r}"
+        )
+    return value
 
 
 def _as_run_config(value: Any) -> Any:

@@ -35,8 +35,9 @@ def test_pyproject_run_config_mirrors_the_schema_with_base_values() -> None:
     """
     with open(ROOT / "pyproject.toml", "rb") as fh:
         run_config = _flatten(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
-    assert set(run_config) == set(config_keys())
+    assert set(run_config) == set(config_keys()) | {"overrides"}
     assert run_config.pop("experiment") == "base"
+    assert run_config.pop("overrides") == "{}"
     assert run_config == run_config_defaults()
     assert config_from_run_config({"experiment": "base", **run_config}) == load_config("base")
 
@@ -220,3 +221,28 @@ def test_a_base_value_that_cannot_override_the_experiment_is_reported(
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "data.source='embedded'" in warned and "conf/p1.yaml's 'local' is used" in warned
     assert "train.alpha" not in warned and "seed=" not in warned
+
+
+def test_explicit_overrides_win_even_with_base_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``overrides`` sets a key to base.yaml's value over an experiment file (p3_mnist has
+    R = 50; base has 10), which a plain run-config key cannot; bad text is named.
+    """
+    (tmp_path / "mnist").mkdir()
+    monkeypatch.setenv("FML_DATA_ROOT", str(tmp_path))
+    from fml_flower.config import run_config_defaults
+
+    defaults = {**run_config_defaults(), "experiment": "p3_mnist"}
+    assert config_from_run_config(defaults).federation.num_rounds == 50
+    cfg = config_from_run_config(
+        {
+            **defaults,
+            "overrides": "{federation.num_rounds: 10, train.lr_decay_every: 4, "
+            "train.beta_schedule: [0.1, 0.9]}",
+        }
+    )
+    assert cfg.federation.num_rounds == 10 and cfg.train.beta_schedule == [0.1, 0.9]
+    for bad in ("[1, 2]", "{a: [1", "{federation.num_rounds: many}"):
+        with pytest.raises(ConfigError, match=r"overrides|num_rounds"):
+            config_from_run_config({**defaults, "overrides": bad})

@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -150,8 +151,13 @@ def run_app(
     num_supernodes: int | None,
     timeout: float = 900,
     num_cpus: int = 1,
+    as_overrides: bool | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``flwr run <app_dir> <connection> --stream`` with the given run-config.
+
+    With ``as_overrides`` (by default: when the app's run-config declares ``overrides``, as
+    fml-flower's does) every key but ``experiment`` travels in ``overrides``, which always
+    applies; otherwise (another app, an older checkout) as plain ``key=value`` pairs.
 
     ``num_supernodes`` (simulation) is passed as ``--federation-config``; give ``None``
     for a deployment connection, whose SuperLink ignores a federation config (the
@@ -162,7 +168,19 @@ def run_app(
     Returns the finished process (stdout holds the streamed log). Note that ``flwr run``
     exits 0 even when the ServerApp fails: check the results, or :func:`run_status`.
     """
-    pairs = " ".join(f"{k}={json.dumps(run_config_value(v))}" for k, v in run_config.items())
+    # Everything but the experiment goes into `overrides`, which always applies: a plain
+    # key whose value equals base.yaml's cannot override an experiment file.
+    if as_overrides is None:
+        with open(Path(app_dir) / "pyproject.toml", "rb") as fh:
+            declared = tomllib.load(fh).get("tool", {}).get("flwr", {}).get("app", {})
+        as_overrides = "overrides" in declared.get("config", {})
+    if as_overrides:
+        settings = {k: v for k, v in run_config.items() if k != "experiment"}
+        pairs = f"overrides={json.dumps(run_config_value(settings))}"
+        if "experiment" in run_config:
+            pairs = f"experiment={json.dumps(str(run_config['experiment']))} {pairs}"
+    else:
+        pairs = " ".join(f"{k}={json.dumps(run_config_value(v))}" for k, v in run_config.items())
     federation = (
         []
         if num_supernodes is None
