@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 record = {
-                    "command": "python -m tools.last_batch " + " ".join(argv or []),
+                    "command": "python -m tools.last_batch "
+                    + " ".join(sys.argv[1:] if argv is None else argv),
                     "client": args.client,
                     "epochs": args.epochs,
                     "runs": runs,
