@@ -191,6 +191,9 @@ class FederationConfig:
     """Wait for at least this many nodes; also the minimum sampled per round."""
     round_timeout: float = 3600.0
     """Seconds to wait for the replies of a round; late nodes count as missing."""
+    node_wait: float = 300.0
+    """Seconds a round waits for ``min_nodes`` connected nodes (a node that died and was
+    not restarted); after that the run stops with an error naming how many it waited for."""
     poll_interval: float = 0.1
     """Seconds between the server's checks for replies (Flower 1.42's own grid waits 3 s;
     see ``server_app/grid.py``)."""
@@ -545,6 +548,7 @@ def validate(cfg: FMLConfig) -> None:
     _check(0 <= f.fraction_evaluate <= 1, "federation.fraction_evaluate", "must be in [0, 1]")
     _check(f.min_nodes >= 1, "federation.min_nodes", "must be >= 1")
     _check(f.round_timeout > 0, "federation.round_timeout", "must be > 0")
+    _check(f.node_wait > 0, "federation.node_wait", "must be > 0 seconds")
     _check(f.min_replies >= 1, "federation.min_replies", "must be >= 1")
     _check(0 < f.poll_interval <= 60, "federation.poll_interval", "must be in (0, 60] seconds")
     for pid, join in f.join_round.items():

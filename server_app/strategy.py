@@ -50,6 +50,7 @@ def make_strategy(
         min_available_nodes=f.min_nodes,
         min_replies=f.min_replies,
         participation=participation,
+        node_wait=f.node_wait,
         round_offset=round_offset,
     )
     private = method.private_keys(cfg, meme)

@@ -66,6 +66,9 @@ class FedMutualLearning(RobustFedAvg):
         never averaged.
     participation : Optional[Callable[[int, list[int]], list[int]]] (default: None)
         ``(server_round, connected node ids) -> node ids that may be sampled``.
+    node_wait : Optional[float] (default: None)
+        Seconds a round waits for enough connected nodes before it raises
+        ``NodeWaitTimeout``; ``None`` waits forever (Flower's behaviour).
     round_offset : int (default: 0)
         Rounds done before this run (a resumed run); schedules continue from there.
     weighted_by_key : str (default: "num-examples")
@@ -94,6 +97,7 @@ class FedMutualLearning(RobustFedAvg):
         min_replies: int = 1,
         private_keys: Sequence[str] = (),
         participation: Participation | None = None,
+        node_wait: float | None = None,
         round_offset: int = 0,
         weighted_by_key: str = "num-examples",
         arrayrecord_key: str = "arrays",
@@ -115,6 +119,7 @@ class FedMutualLearning(RobustFedAvg):
             min_replies=min_replies,
             private_keys=private_keys,
             participation=participation,
+            node_wait=node_wait,
             round_offset=round_offset,
             weighted_by_key=weighted_by_key,
             arrayrecord_key=arrayrecord_key,

@@ -5,16 +5,17 @@ crashing, averages integer-safely, and keeps a per-round log.
 from __future__ import annotations
 
 import math
+import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import TypedDict
+from typing import Protocol, TypedDict
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fml_flower.settings import RoundSettings, Schedule, value_at
 from strategies.aggregation import (
@@ -45,6 +46,7 @@ class StrategyOptions(TypedDict, total=False):
     min_replies: int
     private_keys: Sequence[str]
     participation: Participation | None
+    node_wait: float | None
     round_offset: int
     weighted_by_key: str
     arrayrecord_key: str
@@ -120,6 +122,11 @@ class RobustFedAvg(FedAvg):
     participation : Optional[Callable[[int, list[int]], list[int]]] (default: None)
         ``(server_round, connected node ids) -> node ids that may be sampled``: e.g. new
         participants that join at a later round. ``None``: every connected node.
+    node_wait : Optional[float] (default: None)
+        Seconds a round waits for enough connected nodes (``min_available_nodes`` and the
+        sample size). After that it raises :class:`NodeWaitTimeout` naming how many it
+        waited for, instead of waiting forever (a node that died and was not restarted).
+        ``None``: wait forever, as Flower's ``sample_nodes``.
     round_offset : int (default: 0)
         Rounds completed before this run (a resumed run): schedules are called with, and
         clients receive as ``round``, ``server_round + round_offset``.
@@ -147,6 +154,7 @@ class RobustFedAvg(FedAvg):
         min_replies: int = 1,
         private_keys: Sequence[str] = (),
         participation: Participation | None = None,
+        node_wait: float | None = None,
         round_offset: int = 0,
         weighted_by_key: str = "num-examples",
         arrayrecord_key: str = "arrays",
@@ -166,6 +174,8 @@ class RobustFedAvg(FedAvg):
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         if round_offset < 0:
             raise ValueError(f"round_offset must be >= 0, got {round_offset}")
+        if node_wait is not None and not node_wait > 0:
+            raise ValueError(f"node_wait must be > 0 seconds (or None), got {node_wait}")
         self.lr = lr
         self.local_epochs = local_epochs
         self.batch_size = batch_size
@@ -174,6 +184,7 @@ class RobustFedAvg(FedAvg):
         self.min_replies = min_replies
         self.private_keys = frozenset(private_keys)
         self.participation = participation
+        self.node_wait = node_wait
         self.round_offset = round_offset
         self.reference_arrays: ArrayRecord | None = None
         self.rounds: dict[int, RoundLog] = {}
@@ -227,17 +238,49 @@ class RobustFedAvg(FedAvg):
         are connected (nodes still waiting to join do not count).
         """
         connected = list(grid.get_node_ids())
+        view: _NodeView = grid
         if self.participation is None:
             size = max(int(len(connected) * fraction), min_nodes)
-            return sample_nodes(grid, self.min_available_nodes, size)[0]
-        eligible = self.participation(server_round, connected)
-        waiting = len(connected) - len(eligible)
-        min_available = max(1, self.min_available_nodes - waiting)
-        # a fraction samples a fraction of the joined nodes; the minimum follows them
-        at_least = min(min_nodes, max(1, math.ceil(fraction * len(eligible))))
-        size = max(int(len(eligible) * fraction), at_least)
-        view = _Eligible(grid, self.participation, server_round)
-        return sample_nodes(view, min_available, size)[0]  # type: ignore[arg-type]
+            min_available = self.min_available_nodes
+        else:
+            eligible = self.participation(server_round, connected)
+            waiting = len(connected) - len(eligible)
+            min_available = max(1, self.min_available_nodes - waiting)
+            # a fraction samples a fraction of the joined nodes; the minimum follows them
+            at_least = min(min_nodes, max(1, math.ceil(fraction * len(eligible))))
+            size = max(int(len(eligible) * fraction), at_least)
+            view = _Eligible(grid, self.participation, server_round)
+        nodes = self.wait_for_nodes(server_round, view, max(min_available, size))
+        return random.sample(nodes, size)  # as Flower's sample_nodes
+
+    def wait_for_nodes(self, server_round: int, view: _NodeView, required: int) -> list[int]:
+        """The connected node ids once at least ``required`` are, waiting up to
+        ``node_wait`` seconds; raises :class:`NodeWaitTimeout` after that.
+        """
+        start = time.monotonic()
+        last_log: float | None = None
+        while len(nodes := list(view.get_node_ids())) < required:
+            now = time.monotonic()
+            if self.node_wait is not None and now - start >= self.node_wait:
+                raise NodeWaitTimeout(
+                    f"round {server_round}: waited {self.node_wait:g} s for {required} "
+                    f"connected nodes, but only {len(nodes)} are connected ({sorted(nodes)}). "
+                    "A node may have died. The run stops here; the results of the rounds "
+                    "before are written. Restart the missing SuperNodes and continue with "
+                    "federation.resume_from, or lower federation.min_nodes"
+                )
+            if last_log is None or now - last_log >= 10:
+                log(
+                    INFO,
+                    "round %d: waiting for nodes: %d connected, %d required%s",
+                    server_round,
+                    len(nodes),
+                    required,
+                    f" (up to {self.node_wait:g} s)" if self.node_wait is not None else "",
+                )
+                last_log = now
+            time.sleep(0.5)
+        return nodes
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -395,6 +438,16 @@ def _per_client(replies: list[Message], metrics: list[MetricRecord]) -> dict[int
     return out
 
 
+class NodeWaitTimeout(RuntimeError):
+    """Fewer nodes than a round needs stayed connected for ``node_wait`` seconds."""
+
+
+class _NodeView(Protocol):
+    """What sampling reads of a Grid."""
+
+    def get_node_ids(self) -> Iterable[int]: ...
+
+
 class _Eligible:
     """The part of a Grid that Flower's sampling reads (``get_node_ids``), restricted to the
     nodes that may take part in ``server_round`` (asked anew on every call, so that Flower's
@@ -410,4 +463,4 @@ class _Eligible:
         return self._participation(self._round, list(self._grid.get_node_ids()))
 
 
-__all__ = ["Participation", "RobustFedAvg", "RoundLog", "StrategyOptions"]
+__all__ = ["NodeWaitTimeout", "Participation", "RobustFedAvg", "RoundLog", "StrategyOptions"]

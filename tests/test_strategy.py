@@ -257,3 +257,36 @@ def test_weighted_average_needs_positive_weights() -> None:
     rec = ArrayRecord([np.ones(2, dtype=np.float32)])
     with pytest.raises(ValueError, match="weights must sum"):
         weighted_average_arrays([rec], [0.0])
+
+
+class _DyingGrid:
+    """Nodes come and go: ``get_node_ids`` returns the next list each call (the last one
+    from then on)."""
+
+    def __init__(self, *views: list[int]):
+        self.views, self.calls = list(views), 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        return self.views[min(self.calls - 1, len(self.views) - 1)]
+
+
+def test_a_round_waits_a_bounded_time_for_nodes_then_stops_naming_them() -> None:
+    """A node that died is not waited for forever (Flower's sample_nodes would)."""
+    import time
+
+    from strategies.robust import NodeWaitTimeout
+
+    strategy = FedMutualLearning(min_available_nodes=2, min_train_nodes=2, node_wait=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(NodeWaitTimeout, match=r"round 3: waited 1 s for 2 connected nodes.*\[7\]"):
+        strategy.sample(3, _DyingGrid([7]), 1.0, 2)  # type: ignore[arg-type]
+    assert 1.0 <= time.monotonic() - t0 < 3.0
+    # a node that (re)connects within the wait is sampled
+    grid = _DyingGrid([7], [7], [7, 8])
+    assert sorted(strategy.sample(1, grid, 1.0, 2)) == [7, 8]  # type: ignore[arg-type]
+    # without node_wait the strategy waits as Flower does (here: until the node is back)
+    patient = FedMutualLearning(min_available_nodes=2, min_train_nodes=2)
+    assert sorted(patient.sample(1, _DyingGrid([7], [7, 9]), 1.0, 2)) == [7, 9]  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="node_wait"):
+        FedMutualLearning(node_wait=0)
