@@ -340,6 +340,24 @@ def _toml_scalar(value: Any) -> str:
     return str(value)
 
 
+def check_partition_ids(cfg: FMLConfig, num_partitions: int) -> None:
+    """Refuse keys that name clients the federation does not have (partition ids must be
+    below ``num_partitions``): ``model.local_per_client``, ``federation.join_round``
+    (``data.name_per_client`` is checked with the datasets).
+    """
+    named = {
+        "model.local_per_client": cfg.model.local_per_client,
+        "federation.join_round": cfg.federation.join_round,
+    }
+    for key, mapping in named.items():
+        late = sorted(pid for pid in mapping if not 0 <= pid < num_partitions)
+        if late:
+            raise ConfigError(
+                f"{key}: partition ids {late} do not exist: the federation has "
+                f"{num_partitions} clients (partition ids 0-{num_partitions - 1})"
+            )
+
+
 def run_config_defaults() -> dict[str, Any]:
     """The run-config that mirrors ``conf/base.yaml`` in ``pyproject.toml``: every schema
     key with its base value (lists and mappings as YAML text). A test keeps the two equal.

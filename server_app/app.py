@@ -15,7 +15,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fml_flower.checkpoint import load_checkpoint
-from fml_flower.config import ConfigError, FMLConfig, config_from_run_config, to_yaml
+from fml_flower.config import (
+    ConfigError,
+    FMLConfig,
+    check_partition_ids,
+    config_from_run_config,
+    to_yaml,
+)
 from fml_flower.data import check_client_datasets, federated_data
 from fml_flower.methods import get_method
 from fml_flower.models import build_model, cpu_state_dict
@@ -92,6 +98,7 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     random.seed(cfg.seed)  # Flower samples nodes with the random module: make it reproducible
     resume = resume_point(cfg)
     num_nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.round_timeout)
+    check_partition_ids(cfg, num_nodes)  # a key naming a client that does not exist
     data = federated_data(cfg.data, num_nodes)
     reports = check_client_datasets(cfg.data, num_nodes, data)  # stops a split missing a class
     split = {name: r.as_record() if r else None for name, r in reports.items()}

@@ -246,3 +246,17 @@ def test_explicit_overrides_win_even_with_base_values(
     for bad in ("[1, 2]", "{a: [1", "{federation.num_rounds: many}"):
         with pytest.raises(ConfigError, match=r"overrides|num_rounds"):
             config_from_run_config({**defaults, "overrides": bad})
+
+
+def test_keys_naming_clients_that_do_not_exist_are_refused() -> None:
+    from fml_flower.config import check_partition_ids
+
+    cfg = load_config("base", {"model.local_per_client": "{5: mlp}"})
+    check_partition_ids(cfg, 10)
+    with pytest.raises(
+        ConfigError, match=r"model\.local_per_client: partition ids \[5\] .* 2 clients"
+    ):
+        check_partition_ids(cfg, 2)
+    late = load_config("base", {"federation.join_round": "{3: 2}"})
+    with pytest.raises(ConfigError, match=r"federation\.join_round: partition ids \[3\]"):
+        check_partition_ids(late, 3)

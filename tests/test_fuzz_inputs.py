@@ -137,3 +137,18 @@ def test_too_many_nodes_fails_before_any_results_folder_exists(tmp_path: Path) -
     with pytest.raises(ConfigError, match="too many clients"):
         run_fml(_Crowd(), cfg)  # type: ignore[arg-type]
     assert not out.exists()
+
+
+def test_a_client_that_does_not_exist_fails_before_any_results_folder_exists(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "outputs"
+    cfg = load_config("base", {"model.local_per_client": "{5: mlp}", "output.dir": str(out)})
+
+    class _Pair:
+        def get_node_ids(self) -> list[int]:
+            return [11, 12]
+
+    with pytest.raises(ConfigError, match=r"model\.local_per_client: partition ids \[5\]"):
+        run_fml(_Pair(), cfg)  # type: ignore[arg-type]
+    assert not out.exists()
