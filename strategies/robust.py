@@ -13,6 +13,7 @@ from logging import INFO, WARNING
 from typing import Protocol, TypedDict
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -345,6 +346,25 @@ class RobustFedAvg(FedAvg):
             log(WARNING, "round %d: dropped the reply of %s", server_round, reason)
         return valid, dropped
 
+    def check_fatal(self, server_round: int, replies: list[Message]) -> None:
+        """Raise :class:`ClientsRefused` when every reply of a round is the same kind of
+        ClientApp exception (e.g. every node's state-dir holds another architecture): the
+        next rounds would fail the same way, so the run stops with the clients' reasons
+        instead of repeating empty rounds. Override to keep going.
+        """
+        raised = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
+        if not replies or not all(m.has_error() and m.error.code in raised for m in replies):
+            return
+        kinds = {m.error.reason.split(":<", 1)[0] for m in replies}
+        if len(kinds) != 1:
+            return
+        reasons = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies]
+        raise ClientsRefused(
+            f"round {server_round}: every sampled client ({len(replies)}) failed with "
+            f"{kinds.pop()}; the run stops (the results of the rounds before are written). "
+            f"Reasons: {'; '.join(reasons[:3])}{' ...' if len(reasons) > 3 else ''}"
+        )
+
     def aggregate_arrays(self, records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
         """Weighted average of the replies' arrays (override for other aggregations)."""
         return weighted_average_arrays(records, weights)
@@ -367,6 +387,7 @@ class RobustFedAvg(FedAvg):
             len(book.train_dropped),
         )
         if not valid:
+            self.check_fatal(server_round, replies)
             log(WARNING, "round %d: no valid reply; the global model stays", server_round)
             return None, None
         metrics = [_only_metrics(m) for m in valid]
@@ -438,6 +459,10 @@ def _per_client(replies: list[Message], metrics: list[MetricRecord]) -> dict[int
     return out
 
 
+class ClientsRefused(RuntimeError):
+    """Every client of a round failed with the same kind of exception."""
+
+
 class NodeWaitTimeout(RuntimeError):
     """Fewer nodes than a round needs stayed connected for ``node_wait`` seconds."""
 
@@ -463,4 +488,11 @@ class _Eligible:
         return self._participation(self._round, list(self._grid.get_node_ids()))
 
 
-__all__ = ["NodeWaitTimeout", "Participation", "RobustFedAvg", "RoundLog", "StrategyOptions"]
+__all__ = [
+    "ClientsRefused",
+    "NodeWaitTimeout",
+    "Participation",
+    "RobustFedAvg",
+    "RoundLog",
+    "StrategyOptions",
+]

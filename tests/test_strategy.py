@@ -214,7 +214,8 @@ def test_malformed_reply_is_dropped_not_fatal(kind: str, reason: str) -> None:
 
 def test_all_replies_bad_keeps_the_global_model() -> None:
     strategy = _strategy(ArrayRecord(_bn_model(0).state_dict()))
-    arrays, metrics = strategy.aggregate_train(1, [_reply(1, None, None, error="down")])
+    malformed = [_reply(1, None, {"num-examples": 5}), _reply(2, None, None, error="down")]
+    arrays, metrics = strategy.aggregate_train(1, malformed)  # no arrays; a client error
     assert arrays is None and metrics is None
 
 
@@ -290,3 +291,21 @@ def test_a_round_waits_a_bounded_time_for_nodes_then_stops_naming_them() -> None
     assert sorted(patient.sample(1, _DyingGrid([7], [7, 9]), 1.0, 2)) == [7, 9]  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="node_wait"):
         FedMutualLearning(node_wait=0)
+
+
+def test_every_client_failing_the_same_way_stops_the_run_with_their_reasons() -> None:
+    from strategies.robust import ClientsRefused
+
+    strategy = _strategy(ArrayRecord(_bn_model(0).state_dict()))
+    refused = (
+        "<class 'fml_flower.checkpoint.CheckpointError'>:<'node0/personal-p0.ckpt holds "
+        "a 'resnet18''>"
+    )
+    same = [_reply(n, None, None, error=refused.replace("node0", f"node{n}")) for n in (1, 2, 3)]
+    with pytest.raises(
+        ClientsRefused, match=r"every sampled client \(3\) failed with .*CheckpointError.*node 1: "
+    ):
+        strategy.aggregate_train(1, same)
+    mixed = [*same[:2], _reply(3, None, None, error="<class 'RuntimeError'>:<'out of memory'>")]
+    assert strategy.aggregate_train(2, mixed) == (None, None)  # keeps going, drops counted
+    assert len(strategy.round_log(2).train_dropped) == 3
