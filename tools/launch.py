@@ -385,6 +385,26 @@ class Deployment:
         stop_tree(proc, timeout)
         return proc.returncode
 
+    def kill_node(self, i: int, timeout: float = 20) -> int | None:
+        """SIGKILL SuperNode ``i`` and the Flower processes it started (a node that dies:
+        it cannot deregister), reaping it; returns its exit code.
+        """
+        proc = self.nodes[i]
+        if proc is None or proc.poll() is not None:
+            return None if proc is None else proc.returncode
+        family = _flower_family(proc.pid)
+        proc.kill()
+        proc.wait(timeout=timeout)  # reaped: no zombie keeping its children
+        for pid, _ in _still_alive(family):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while _still_alive(family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return proc.returncode
+
     def node_ids(self) -> list[int]:
         """IDs of the SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
         out = subprocess.run(
