@@ -63,3 +63,31 @@ def test_tensorboard_events_are_written_when_asked(tmp_path: Path) -> None:
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("personal_acc")] == pytest.approx([0.5, 0.9, 0.8])
+
+
+def test_committed_docs_and_results_name_no_machine_paths() -> None:
+    """Raw metrics, configs and docs travel to other machines: no absolute home/work/tmp
+    paths of the machine that wrote them (the sweep records output.dir relative).
+    """
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(
+        ["git", "ls-files", "docs", "conf", "examples", "README.md"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    pattern = re.compile(r"""(?:^|[\s"'=(])/(?:home|root|work|tmp|Users)/""")
+    bad = []
+    for name in files:
+        path = root / name
+        if path.suffix in {".png", ".ckpt", ".pt"} or not path.is_file():
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if pattern.search(line):
+                bad.append(f"{name}:{i}: {line.strip()[:80]}")
+    assert bad == []

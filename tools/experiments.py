@@ -150,7 +150,11 @@ def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pi
     run_config = {
         "experiment": run.experiment,
         **run.overrides,
-        "output.dir": str(sweep_dir),
+        # relative to the SuperLink's working directory (ROOT) when inside the checkout, so
+        # that the recorded config names no machine's path
+        "output.dir": str(
+            sweep_dir.relative_to(ROOT) if sweep_dir.is_relative_to(ROOT) else sweep_dir
+        ),
         "output.run_name": run.name,
     }
     with PeakMemory(pid) as memory:
