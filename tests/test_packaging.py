@@ -103,3 +103,23 @@ def test_version_has_one_source() -> None:
 
     with open(ROOT / "pyproject.toml", "rb") as fh:
         assert fml_flower.__version__ == tomllib.load(fh)["project"]["version"]
+
+
+def test_readme_plug_in_snippets_are_valid_python_with_real_imports() -> None:
+    """The plug-in section's code blocks compile and every name they import exists."""
+    import ast
+    import importlib
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Using the strategy in your own Flower project") :]
+    section = section[: section.index("\n## ", 5)]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        tree = ast.parse(block)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
