@@ -74,3 +74,35 @@ def test_report_names_a_run_config_that_does_not_fit_the_schema(tmp_path: Path) 
     cfg_file.write_text(yaml.safe_dump(saved))
     with pytest.raises(ConfigError, match=r"odd/config\.yaml: does not fit the current schema"):
         write_report("demo", tmp_path, [RunSpec("odd", "base")])
+
+
+def test_p4_curve_groups_runs_by_method_and_n(tmp_path) -> None:
+    import json
+
+    from tools.p4_report import collect, main, table
+
+    def run(name: str, acc: float, finished: bool = True) -> None:
+        (tmp_path / name).mkdir()
+        rnd = {
+            "round": 30,
+            "personal_acc": acc,
+            "personal_acc_min": acc - 0.1,
+            "personal_acc_max": acc + 0.1,
+        }
+        run_info = {"finished": "x"} if finished else {}
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({"run": run_info, "rounds": [rnd]})
+        )
+
+    run("n100-fml", 0.40)
+    run("n100-fml-seed43", 0.50)
+    run("n100-local", 0.45)
+    run("n3000-fml-alpha0.9", 0.70)
+    run("n300-fml", 0.9, finished=False)  # interrupted: not reported
+    groups = collect(tmp_path)
+    assert sorted(groups) == [("fml", 100), ("fml (alpha 0.9)", 3000), ("local", 100)]
+    text = table(groups)
+    assert "| fml | 100 | 45.00 ± 7.07 | [30.00, 60.00] | 2 |" in text
+    assert "| local | 100 | 45.00 (one seed) |" in text
+    assert main(["--dir", str(tmp_path)]) == 0
+    assert (tmp_path / "curve.png").stat().st_size > 0
