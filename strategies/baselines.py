@@ -16,6 +16,7 @@ Each takes :class:`~strategies.robust.RobustFedAvg`'s keyword parameters
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Unpack
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -30,15 +31,7 @@ class FedAvgBaseline(RobustFedAvg):
 
 
 def _with_extra(settings: RoundSettings, **extra: float) -> RoundSettings:
-    return RoundSettings(
-        lr=settings.lr,
-        local_epochs=settings.local_epochs,
-        batch_size=settings.batch_size,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        round=settings.round,
-        extra={**settings.extra, **extra},
-    )
+    return replace(settings, extra={**settings.extra, **extra})
 
 
 class FedProx(RobustFedAvg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from logging import INFO
 
 from flwr.common.logger import log
@@ -129,15 +130,8 @@ class FedMutualLearning(RobustFedAvg):
     def settings(self, server_round: int) -> RoundSettings:
         """The base settings plus this round's ``alpha`` and ``beta``."""
         base = super().settings(server_round)
-        return RoundSettings(
-            lr=base.lr,
-            local_epochs=base.local_epochs,
-            batch_size=base.batch_size,
-            momentum=base.momentum,
-            weight_decay=base.weight_decay,
-            round=base.round,
-            alpha=value_at(self.alpha, base.round),
-            beta=value_at(self.beta, base.round),
+        return replace(
+            base, alpha=value_at(self.alpha, base.round), beta=value_at(self.beta, base.round)
         )
 
     def summary(self) -> None:
