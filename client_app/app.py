@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,12 +17,12 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.mods import attack_mod, privacy_mod, run_config_of
 from client_app.state import ContextStore, persist_personal, restore_from_disk
 from fml_flower.config import (
     ConfigError,
     DataConfig,
     FMLConfig,
-    config_from_run_config,
     data_for_client,
     to_yaml,
     validate,
@@ -46,14 +45,9 @@ if TYPE_CHECKING:
 app = ClientApp()
 
 
-@lru_cache(maxsize=4)
-def _config(run_config_items: tuple[tuple[str, object], ...]) -> FMLConfig:
-    return config_from_run_config(dict(run_config_items))
-
-
 def client_config(context: Context) -> FMLConfig:
     """The run's validated configuration with this node's overrides."""
-    cfg = _config(tuple(sorted(context.run_config.items())))
+    cfg = run_config_of(context)
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     return node_overrides(cfg, context)
@@ -227,9 +221,11 @@ def persist(r: ClientRound, context: Context, n: int) -> None:
         )
 
 
-@app.train()
+@app.train(mods=[attack_mod, privacy_mod])
 def train(msg: Message, context: Context) -> Message:
-    """One round of the configured method on this client."""
+    """One round of the configured method on this client (the reply then passes the
+    client half of ``privacy.mode`` and, in a poisoning experiment, ``attack``).
+    """
     t0 = time.perf_counter()
     r, method, notes = client_round(msg, context)
     t1 = time.perf_counter()

@@ -40,6 +40,9 @@ EMBEDDED_DATASETS = ("mnist5k",)
 PARTITIONERS = ("iid", "pathological", "shard", "dirichlet")
 LAST_BATCH = ("keep", "drop", "merge")
 UPDATES = ("simultaneous", "sequential")
+PRIVACY_MODES = ("none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+AGGREGATION_RULES = ("mean", "trimmed-mean", "median", "krum", "multikrum")
+ATTACKS = ("none", "scale", "random")
 
 
 OVERRIDES_KEY = "overrides"
@@ -213,6 +216,67 @@ class FederationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy of what leaves a client (the meme, or a baseline's model),
+    through Flower's DP strategy wrappers and client mods; see ``docs/privacy.md``.
+    """
+
+    mode: str = "none"
+    """``none``; ``server-fixed`` / ``client-fixed`` (fixed clipping on the server or, by
+    Flower's ``fixedclipping_mod``, on the clients); ``server-adaptive`` /
+    ``client-adaptive`` (adaptive clipping, Andrew et al. 2021)."""
+    noise_multiplier: float = 1.0
+    """Gaussian noise std on the average, in units of ``clipping_norm / clients per
+    round``. 0 clips without noise (no guarantee; epsilon is not finite)."""
+    clipping_norm: float = 1.0
+    """L2 bound of one client's update (its meme minus the global model); the initial
+    bound for the adaptive modes."""
+    delta: float = 1e-5
+    """The delta at which epsilon is reported (below 1 / number of clients)."""
+    max_epsilon: float = 0.0
+    """Privacy budget: the run stops cleanly before a round whose release would spend
+    more (0 = no budget)."""
+    target_quantile: float = 0.5
+    """Adaptive modes: the fraction of updates the clipping norm aims to leave unclipped."""
+    clip_norm_lr: float = 0.2
+    """Adaptive modes: the learning rate of the geometric clipping-norm update."""
+    clipped_count_stddev: float = 0.0
+    """Adaptive modes: noise std of the clipped-updates count (0 = Flower's default,
+    clients per round / 20)."""
+
+
+@dataclass
+class AggregationConfig:
+    """How the server combines the clients' memes (or models)."""
+
+    rule: str = "mean"
+    """``mean`` (FedAvg), or one of Flower's robust aggregators applied per array:
+    ``trimmed-mean``, ``median``, ``krum``, ``multikrum``."""
+    trim_fraction: float = 0.1
+    """``trimmed-mean``: fraction cut at each end (Flower's ``FedTrimmedAvg(beta=)``)."""
+    num_malicious: int = 1
+    """``krum``/``multikrum``: clients assumed malicious (f)."""
+    num_selected: int = 0
+    """``multikrum``: updates averaged after selection (0 = clients - num_malicious)."""
+    weighting: str = "auto"
+    """``examples`` (weights = training examples, FedAvg), ``uniform``, or ``auto``:
+    uniform with differential privacy (its noise is calibrated to equal weights), examples
+    without."""
+
+
+@dataclass
+class AttackConfig:
+    """A poisoning experiment: what the listed clients send instead of their update."""
+
+    clients: list[int] = field(default_factory=list)
+    """Partition ids of the attacking clients (empty = no attack)."""
+    kind: str = "none"
+    """``scale``: the update (sent minus received) times ``scale``; ``random``: every
+    array replaced by Gaussian noise of that array's own standard deviation."""
+    scale: float = -10.0
+
+
+@dataclass
 class OutputConfig:
     """Where results go."""
 
@@ -236,6 +300,9 @@ class FMLConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -342,12 +409,14 @@ def _toml_scalar(value: Any) -> str:
 
 def check_partition_ids(cfg: FMLConfig, num_partitions: int) -> None:
     """Refuse keys that name clients the federation does not have (partition ids must be
-    below ``num_partitions``): ``model.local_per_client``, ``federation.join_round``
-    (``data.name_per_client`` is checked with the datasets).
+    below ``num_partitions``): ``model.local_per_client``, ``federation.join_round``,
+    ``attack.clients`` (``data.name_per_client`` is checked with the datasets); and
+    settings that need more clients than there are.
     """
     named = {
         "model.local_per_client": cfg.model.local_per_client,
         "federation.join_round": cfg.federation.join_round,
+        "attack.clients": dict.fromkeys(cfg.attack.clients),
     }
     for key, mapping in named.items():
         late = sorted(pid for pid in mapping if not 0 <= pid < num_partitions)
@@ -356,6 +425,28 @@ def check_partition_ids(cfg: FMLConfig, num_partitions: int) -> None:
                 f"{key}: partition ids {late} do not exist: the federation has "
                 f"{num_partitions} clients (partition ids 0-{num_partitions - 1})"
             )
+    a = cfg.aggregation
+    if a.rule == "trimmed-mean" and int(a.trim_fraction * num_partitions) == 0:
+        raise ConfigError(
+            f"aggregation.trim_fraction={a.trim_fraction} cuts nothing from "
+            f"{num_partitions} clients (int({a.trim_fraction} * {num_partitions}) = 0): "
+            "raise it to at least 1 / clients per round"
+        )
+    if a.rule in ("krum", "multikrum") and num_partitions <= 2 * a.num_malicious + 2:
+        raise ConfigError(
+            f"aggregation.rule={a.rule} needs more than 2 * num_malicious + 2 = "
+            f"{2 * a.num_malicious + 2} clients, the federation has {num_partitions}"
+        )
+    if a.rule == "multikrum" and a.num_selected > num_partitions - a.num_malicious:
+        raise ConfigError(
+            f"aggregation.num_selected={a.num_selected} exceeds clients - num_malicious = "
+            f"{num_partitions - a.num_malicious}"
+        )
+    p = cfg.privacy
+    if p.mode != "none" and not p.delta < 1 / num_partitions:
+        raise ConfigError(
+            f"privacy.delta={p.delta:g} must be below 1 / clients = {1 / num_partitions:g}"
+        )
 
 
 def run_config_defaults() -> dict[str, Any]:
@@ -576,10 +667,78 @@ def validate(cfg: FMLConfig) -> None:
             f"federation.join_round.{pid}",
             f"round {join} is outside 1..federation.num_rounds={f.num_rounds}",
         )
+    validate_privacy(cfg)
     _check(
         not cfg.output.tensorboard or importlib.util.find_spec("tensorboard") is not None,
         "output.tensorboard",
         "needs the tensorboard package: pip install -e '.[tensorboard]'",
+    )
+
+
+def weighting_of(cfg: FMLConfig) -> str:
+    """``aggregation.weighting`` resolved: ``examples`` or ``uniform``."""
+    if cfg.aggregation.weighting != "auto":
+        return cfg.aggregation.weighting
+    return "uniform" if cfg.privacy.mode != "none" else "examples"
+
+
+def validate_privacy(cfg: FMLConfig) -> None:
+    """The ``privacy``, ``aggregation`` and ``attack`` sections and their cross-checks."""
+    from fml_flower.methods import METHODS
+
+    p, a, atk, t = cfg.privacy, cfg.aggregation, cfg.attack, cfg.train
+    _check_choice(p.mode, "privacy.mode", PRIVACY_MODES)
+    _check(p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+    _check(p.clipping_norm > 0, "privacy.clipping_norm", "must be > 0")
+    _check(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)")
+    _check(p.max_epsilon >= 0, "privacy.max_epsilon", "must be >= 0 (0 = no budget)")
+    _check(0 <= p.target_quantile <= 1, "privacy.target_quantile", "must be in [0, 1]")
+    _check(p.clip_norm_lr > 0, "privacy.clip_norm_lr", "must be > 0")
+    _check(p.clipped_count_stddev >= 0, "privacy.clipped_count_stddev", "must be >= 0")
+    _check_choice(a.rule, "aggregation.rule", AGGREGATION_RULES)
+    _check(0 < a.trim_fraction < 0.5, "aggregation.trim_fraction", "must be in (0, 0.5)")
+    _check(a.num_malicious >= 0, "aggregation.num_malicious", "must be >= 0")
+    _check(a.num_selected >= 0, "aggregation.num_selected", "must be >= 0 (0 = n - f)")
+    _check_choice(a.weighting, "aggregation.weighting", ("auto", "examples", "uniform"))
+    _check_choice(atk.kind, "attack.kind", ATTACKS)
+    _check(all(pid >= 0 for pid in atk.clients), "attack.clients", "partition ids must be >= 0")
+    _check(
+        (atk.kind == "none") == (not atk.clients),
+        "attack.kind",
+        f"'{atk.kind}' with attack.clients={atk.clients}: name the attacking clients and a "
+        "kind other than none together (or neither)",
+    )
+    if p.mode == "none":
+        _check(p.max_epsilon == 0, "privacy.max_epsilon", "needs privacy.mode other than none")
+        return
+    _check(
+        METHODS[t.method].sends_model,
+        "privacy.mode",
+        f"train.method={t.method} sends no model: there is nothing to protect",
+    )
+    _check(
+        a.rule == "mean",
+        "aggregation.rule",
+        f"'{a.rule}' with privacy.mode={p.mode}: the noise is calibrated to the mean of the "
+        "clipped updates; robust rules have another sensitivity",
+    )
+    _check(
+        a.weighting != "examples",
+        "aggregation.weighting",
+        f"must be uniform (or auto) with privacy.mode={p.mode}: the noise is calibrated to "
+        "equal weights, and weighting by examples gives a client with many examples more "
+        "influence than the noise covers",
+    )
+    _check(
+        not cfg.federation.join_round,
+        "federation.join_round",
+        f"cannot be used with privacy.mode={p.mode}: the noise is calibrated to a fixed "
+        "number of clients per round, and late joiners change it",
+    )
+    _check(
+        p.max_epsilon == 0 or p.noise_multiplier > 0,
+        "privacy.max_epsilon",
+        "a budget needs privacy.noise_multiplier > 0 (without noise epsilon is infinite)",
     )
 
 

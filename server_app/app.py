@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import (
@@ -29,7 +30,7 @@ from fml_flower.results import RunRecorder, plot_run, summary_table
 from server_app.grid import PollingGrid
 from server_app.participants import PartitionJoins
 from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
-from server_app.strategy import make_strategy
+from server_app.strategy import make_private, make_strategy
 
 app = ServerApp()
 
@@ -122,6 +123,12 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         )
         joins.rounds_of(list(grid.get_node_ids()))
         joins.check_known()
+    strategy = make_strategy(cfg, method, meme, round_offset=offset, participation=joins)
+    released = sum(1 for r in resume.rounds if r.get("privacy_released")) if resume else 0
+    try:  # e.g. Flower's adaptive clipping refusing a noise multiplier: before any folder
+        served = make_private(cfg, strategy, num_nodes, prior_releases=released)
+    except ValueError as err:
+        raise ConfigError(f"privacy: {err}") from err
     run_dir = run_dir_for(cfg)
     recorder = RunRecorder(
         run_dir,
@@ -155,22 +162,27 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
         run_dir,
     )
 
-    strategy = make_strategy(cfg, method, meme, round_offset=offset, participation=joins)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(cpu_state_dict(meme)),
-        num_rounds=cfg.federation.num_rounds - offset,
-        timeout=cfg.federation.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=CentralEvaluation(
-            cfg, method, data, strategy, recorder, round_offset=offset, resumed=resume is not None
-        ),
-    )
+    stopped = None
+    try:
+        served.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(cpu_state_dict(meme)),
+            num_rounds=cfg.federation.num_rounds - offset,
+            timeout=cfg.federation.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=CentralEvaluation(
+                cfg, method, data, strategy, recorder, round_offset=offset, resumed=bool(resume)
+            ),
+        )
+    except PrivacyBudgetExhausted as err:  # a configured end, not a failure
+        stopped = f"privacy budget exhausted: {err}"
+        log(INFO, "The run stops before its next round: %s", stopped)
     recorder.finish(
         finished=datetime.now().isoformat(timespec="seconds"),
         seconds=time.monotonic() - t0,
-        rounds_completed=len(result.train_metrics_clientapp),
+        rounds_completed=recorder.rounds[-1]["round"] - offset,
+        **({"stopped": stopped} if stopped else {}),
     )
     if cfg.output.plot:
         plot_run(run_dir)

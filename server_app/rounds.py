@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -44,6 +45,8 @@ def progress_line(record: dict, num_rounds: int, rounds_done_here: int | None = 
         parts.append(f"global(central) {record['central_acc']:.4f}")
     if record.get("replies_dropped") or record.get("replies_missing"):
         parts.append(f"dropped {record['replies_dropped']}, missing {record['replies_missing']}")
+    if record.get("privacy_epsilon") is not None:
+        parts.append(f"epsilon {record['privacy_epsilon']:.3f}")
     if record.get("aggregated") is False:
         parts.append("global model NOT updated (too few valid replies)")
     return " | ".join(parts)
@@ -160,6 +163,14 @@ class CentralEvaluation:
             clients={str(k): v for k, v in sorted(book.clients.items())},
             clients_train={str(k): v for k, v in sorted(book.train_clients.items())},
         )
+        if book.update_norms:  # how far each accepted reply moved from the global model
+            norms = sorted(book.update_norms.values())
+            record.update(
+                update_norm_median=statistics.median(norms),
+                update_norm_max=norms[-1],
+                update_norms={str(k): v for k, v in sorted(book.update_norms.items())},
+            )
+        record.update(book.privacy)  # epsilon so far, released or not (with DP only)
         if self.resumed and server_round == 1:
             self.warn_fresh_personal_models(book.train_clients)
         return record

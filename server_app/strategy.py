@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib
 import math
 
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from fml_flower.config import FMLConfig
+from fml_flower.config import FMLConfig, weighting_of
 from fml_flower.methods import Method
 from fml_flower.schedule import lr_schedule
+from strategies.aggregators import make_aggregator
+from strategies.privacy import differential_privacy
 from strategies.robust import Participation, RobustFedAvg
 
 
@@ -52,9 +55,44 @@ def make_strategy(
         participation=participation,
         node_wait=f.node_wait,
         round_offset=round_offset,
+        aggregator=make_aggregator(
+            cfg.aggregation.rule,
+            cfg.aggregation.trim_fraction,
+            cfg.aggregation.num_malicious,
+            cfg.aggregation.num_selected,
+        ),
+        weighting=weighting_of(cfg),
     )
     private = method.private_keys(cfg, meme)
     if private:
         options["private_keys"] = private
     options.update(method.strategy_options(cfg))
     return strategy_class(method)(**options)
+
+
+def make_private(
+    cfg: FMLConfig, strategy: RobustFedAvg, num_nodes: int, prior_releases: int = 0
+) -> Strategy:
+    """``strategy`` wrapped for ``privacy.mode`` (itself when the mode is ``none``).
+
+    Every one of the ``num_nodes`` connected nodes is in the population; the round's
+    sample size is the strategy's. ``prior_releases`` are the rounds a resumed run had
+    released (the accountant continues from them).
+    """
+    p = cfg.privacy
+    if p.mode == "none":
+        return strategy
+    return differential_privacy(
+        strategy,
+        mode=p.mode,
+        noise_multiplier=p.noise_multiplier,
+        clipping_norm=p.clipping_norm,
+        num_sampled_clients=strategy.train_sample_size(num_nodes),
+        population_size=num_nodes,
+        delta=p.delta,
+        max_epsilon=p.max_epsilon or None,
+        target_quantile=p.target_quantile,
+        clip_norm_lr=p.clip_norm_lr,
+        clipped_count_stddev=p.clipped_count_stddev or None,
+        prior_releases=prior_releases,
+    )

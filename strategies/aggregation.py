@@ -50,6 +50,17 @@ def reply_problem(
     return None
 
 
+def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of ``arrays - reference`` over every floating array (a client's update)."""
+    total = 0.0
+    for key, ref in reference.items():
+        ref_np = ref.numpy()
+        if np.issubdtype(ref_np.dtype, np.floating):
+            diff = arrays[key].numpy().astype(np.float64) - ref_np.astype(np.float64)
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return float(np.sqrt(total))
+
+
 def weighted_average_arrays(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
     """Weighted average of ArrayRecords with identical keys, shapes and dtypes.
 

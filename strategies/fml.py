@@ -9,6 +9,7 @@ from logging import INFO
 from flwr.common.logger import log
 
 from fml_flower.settings import RoundSettings, Schedule, value_at
+from strategies.aggregators import Aggregator
 from strategies.robust import Participation, RobustFedAvg
 
 
@@ -21,8 +22,9 @@ class FedMutualLearning(RobustFedAvg):
     a fresh optimizer), trains meme and its private *personalized* model together by deep
     mutual learning, and replies with the meme's arrays only (parameters and buffers) plus
     a MetricRecord holding ``num-examples``. The strategy averages the memes weighted by
-    examples (FedAvg) into the next global model, dropping malformed replies with a logged
-    reason (see :class:`~strategies.robust.RobustFedAvg`).
+    examples (FedAvg, or another ``aggregator``) into the next global model, dropping
+    malformed replies with a logged reason (see :class:`~strategies.robust.RobustFedAvg`).
+    Wrap it in :func:`strategies.privacy.differential_privacy` to clip and noise the memes.
 
     The constructor is the single source of truth for what clients train with: every
     training ConfigRecord carries ``lr``, ``local-epochs``, ``batch-size``, ``momentum``,
@@ -65,6 +67,13 @@ class FedMutualLearning(RobustFedAvg):
     private_keys : Sequence[str] (default: ())
         Meme state-dict keys that stay on the clients (a task-specific head): never sent,
         never averaged.
+    aggregator : Optional[Aggregator] (default: None)
+        How the memes are combined: ``None`` is the weighted mean (FedAvg); a robust rule
+        from :mod:`strategies.aggregators` (``TrimmedMean``, ``Median``, ``Krum``,
+        ``MultiKrum``) bounds what one poisoned meme can do.
+    weighting : str (default: "examples")
+        ``"examples"`` or ``"uniform"`` averaging weights (differential privacy needs
+        uniform ones; see :func:`strategies.privacy.differential_privacy`).
     participation : Optional[Callable[[int, list[int]], list[int]]] (default: None)
         ``(server_round, connected node ids) -> node ids that may be sampled``.
     node_wait : Optional[float] (default: None)
@@ -97,6 +106,8 @@ class FedMutualLearning(RobustFedAvg):
         min_available_nodes: int = 2,
         min_replies: int = 1,
         private_keys: Sequence[str] = (),
+        aggregator: Aggregator | None = None,
+        weighting: str = "examples",
         participation: Participation | None = None,
         node_wait: float | None = None,
         round_offset: int = 0,
@@ -119,6 +130,8 @@ class FedMutualLearning(RobustFedAvg):
             min_available_nodes=min_available_nodes,
             min_replies=min_replies,
             private_keys=private_keys,
+            aggregator=aggregator,
+            weighting=weighting,
             participation=participation,
             node_wait=node_wait,
             round_offset=round_offset,

@@ -23,9 +23,10 @@ from strategies.aggregation import (
     IDENTIFIERS,
     aggregate_evaluate_metrics,
     reply_problem,
-    weighted_average_arrays,
+    update_norm,
     weighted_mean_metrics,
 )
+from strategies.aggregators import Aggregator, Mean
 
 Participation = Callable[[int, list[int]], list[int]]
 """``(server_round, connected node ids) -> node ids that may be sampled in that round``."""
@@ -46,6 +47,8 @@ class StrategyOptions(TypedDict, total=False):
     min_available_nodes: int
     min_replies: int
     private_keys: Sequence[str]
+    aggregator: Aggregator | None
+    weighting: str
     participation: Participation | None
     node_wait: float | None
     round_offset: int
@@ -74,6 +77,13 @@ class RoundLog:
     """Per-client evaluation metrics, by partition id (or node id if none)."""
     train_clients: dict[int, dict[str, float]] = field(default_factory=dict)
     """Per-client training metrics of the accepted replies."""
+    update_norms: dict[int, float] = field(default_factory=dict)
+    """L2 norm of each accepted reply's update (its arrays minus the global ones sent)."""
+    screened: bool = False
+    """Whether the training replies were checked already (by a wrapper such as
+    :mod:`strategies.privacy`, which checks them before clipping)."""
+    privacy: dict[str, float | None] = field(default_factory=dict)
+    """What a differential-privacy wrapper released this round (epsilon so far, ...)."""
 
 
 class RobustFedAvg(FedAvg):
@@ -120,6 +130,14 @@ class RobustFedAvg(FedAvg):
     private_keys : Sequence[str] (default: ())
         State-dict keys that stay on the clients (a private head): never sent to clients,
         never expected back. The rest (the shared body) is averaged.
+    aggregator : Optional[Aggregator] (default: None)
+        How the valid replies' arrays are combined, ``(records, weights) -> ArrayRecord``
+        (:mod:`strategies.aggregators`: ``Mean``, ``TrimmedMean``, ``Median``, ``Krum``,
+        ``MultiKrum``, on Flower's own code). ``None``: the weighted mean (FedAvg).
+    weighting : str (default: "examples")
+        Averaging weights: ``"examples"`` (each reply's ``weighted_by_key``, FedAvg) or
+        ``"uniform"`` (equal weights, as differential privacy requires). Metrics are
+        always weighted by examples.
     participation : Optional[Callable[[int, list[int]], list[int]]] (default: None)
         ``(server_round, connected node ids) -> node ids that may be sampled``: e.g. new
         participants that join at a later round. ``None``: every connected node.
@@ -154,6 +172,8 @@ class RobustFedAvg(FedAvg):
         min_available_nodes: int = 2,
         min_replies: int = 1,
         private_keys: Sequence[str] = (),
+        aggregator: Aggregator | None = None,
+        weighting: str = "examples",
         participation: Participation | None = None,
         node_wait: float | None = None,
         round_offset: int = 0,
@@ -177,6 +197,8 @@ class RobustFedAvg(FedAvg):
             raise ValueError(f"round_offset must be >= 0, got {round_offset}")
         if node_wait is not None and not node_wait > 0:
             raise ValueError(f"node_wait must be > 0 seconds (or None), got {node_wait}")
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
         self.lr = lr
         self.local_epochs = local_epochs
         self.batch_size = batch_size
@@ -184,6 +206,8 @@ class RobustFedAvg(FedAvg):
         self.weight_decay = weight_decay
         self.min_replies = min_replies
         self.private_keys = frozenset(private_keys)
+        self.aggregator: Aggregator = aggregator if aggregator is not None else Mean()
+        self.weighting = weighting
         self.participation = participation
         self.node_wait = node_wait
         self.round_offset = round_offset
@@ -226,6 +250,7 @@ class RobustFedAvg(FedAvg):
             log(INFO, "\t│\t├── %s: %s%s", key, value, " (per round)" if varying else "")
         if self.private_keys:
             log(INFO, "\t│\t└── private (never sent): %s", sorted(self.private_keys))
+        log(INFO, "\t├──> Aggregation: %r, %s weights", self.aggregator, self.weighting)
         super().summary()
 
     def _is_schedule(self, key: str) -> bool:
@@ -253,6 +278,13 @@ class RobustFedAvg(FedAvg):
             view = _Eligible(grid, self.participation, server_round)
         nodes = self.wait_for_nodes(server_round, view, max(min_available, size))
         return random.sample(nodes, size)  # as Flower's sample_nodes
+
+    def train_sample_size(self, num_nodes: int) -> int:
+        """How many of ``num_nodes`` connected nodes a training round samples (every node
+        eligible): ``max(int(num_nodes * fraction_train), min_train_nodes)``, as
+        :meth:`sample`.
+        """
+        return max(int(num_nodes * self.fraction_train), self.min_train_nodes)
 
     def wait_for_nodes(self, server_round: int, view: _NodeView, required: int) -> list[int]:
         """The connected node ids once at least ``required`` are, waiting up to
@@ -366,35 +398,53 @@ class RobustFedAvg(FedAvg):
         )
 
     def aggregate_arrays(self, records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
-        """Weighted average of the replies' arrays (override for other aggregations)."""
-        return weighted_average_arrays(records, weights)
+        """The replies' arrays combined by ``aggregator`` (override for other rules)."""
+        return self.aggregator(records, weights)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the valid replies' arrays weighted by ``num-examples``; drop the rest."""
+    def screen_train_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The valid training replies of ``server_round``; the rest is dropped with its
+        reason, counted in the round's log, and a fatal round (see :meth:`check_fatal`)
+        raises. Also records every accepted reply's update norm.
+        """
         replies = list(replies)
         book = self.round_log(server_round)
         valid, book.train_dropped = self.filter_replies(
             server_round, replies, self.check_train_reply
         )
         book.train_replies, book.train_accepted = len(replies), len(valid)
+        book.screened = True
         log(
             INFO,
-            "aggregate_train: %d replies, %d aggregated, %d dropped",
+            "aggregate_train: %d replies, %d valid, %d dropped",
             len(replies),
             len(valid),
             len(book.train_dropped),
         )
         if not valid:
             self.check_fatal(server_round, replies)
+        elif self.reference_arrays is not None and valid[0].content.array_records:
+            book.update_norms = {
+                _client_of(m): update_norm(m.content[self.arrayrecord_key], self.reference_arrays)
+                for m in valid
+            }
+        return valid
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Combine the valid replies' arrays with ``aggregator``; drop the rest."""
+        replies = list(replies)
+        book = self.round_log(server_round)
+        valid = replies if book.screened else self.screen_train_replies(server_round, replies)
+        if not valid:
             log(WARNING, "round %d: no valid reply; the global model stays", server_round)
             return None, None
         metrics = [_only_metrics(m) for m in valid]
-        weights = [float(m[self.weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
+        examples = [float(m[self.weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
+        weights = examples if self.weighting == "examples" else [1.0] * len(valid)
         book.train_clients = _per_client(valid, metrics)
         aggregated = weighted_mean_metrics(
-            metrics, weights, exclude=(self.weighted_by_key, *IDENTIFIERS)
+            metrics, examples, exclude=(self.weighted_by_key, *IDENTIFIERS)
         )
         aggregated["num_clients"] = len(valid)
         book.train_metrics = dict(aggregated)  # type: ignore[arg-type]
@@ -446,6 +496,13 @@ class RobustFedAvg(FedAvg):
 
 def _only_metrics(msg: Message) -> MetricRecord:
     return next(iter(msg.content.metric_records.values()))
+
+
+def _client_of(msg: Message) -> int:
+    """A reply's client: its ``partition_id`` if it reports one, else its node id."""
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    pid = metrics.get("partition_id") if metrics is not None else None
+    return int(pid) if isinstance(pid, int | float) else int(msg.metadata.src_node_id)
 
 
 def _per_client(replies: list[Message], metrics: list[MetricRecord]) -> dict[int, dict[str, float]]:

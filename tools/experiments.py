@@ -74,10 +74,10 @@ def is_complete(run_dir: Path) -> bool:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    rounds = metrics.get("rounds", [])
-    return (
-        "finished" in metrics.get("run", {}) and len(rounds) == cfg["federation"]["num_rounds"] + 1
-    )
+    rounds, run = metrics.get("rounds", []), metrics.get("run", {})
+    if "finished" in run and "stopped" in run:  # a configured end (a privacy budget)
+        return True
+    return "finished" in run and len(rounds) == cfg["federation"]["num_rounds"] + 1
 
 
 class PeakMemory:
