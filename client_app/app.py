@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.mods import attack_mod, privacy_mod, run_config_of
@@ -38,6 +38,7 @@ from fml_flower.tensors import (
     partition_cache_file,
     save_partition,
 )
+from strategies.robust import EVAL_PREFIX, EVALUATE_BEFORE_TRAIN
 
 if TYPE_CHECKING:
     from fml_flower.data import FederatedImageData
@@ -181,10 +182,6 @@ def client_round(msg: Message, context: Context) -> tuple[ClientRound, Method, d
     data, info = DATA.get(cfg, pid, n, state_dir)
     store = ContextStore(context.state)
     notes: dict[str, float] = {}
-    arch = method.personal_arch(cfg, pid)
-    if state_dir is not None and arch is not None and not store.has(PERSONAL):
-        restored = restore_from_disk(store, state_dir, pid, arch, personal_identity(cfg, pid, n))
-        notes["personal_restored_from_disk"] = float(restored)
     config = msg.content["config"]
     is_train = msg.metadata.message_type == "train"
     settings = (
@@ -192,6 +189,19 @@ def client_round(msg: Message, context: Context) -> tuple[ClientRound, Method, d
         if is_train
         else RoundSettings.for_evaluation(config)  # type: ignore[arg-type]
     )
+    arch = method.personal_arch(cfg, pid)
+    if state_dir is not None and arch is not None and not store.has(PERSONAL):
+        # a resumed run continues from the round the server's checkpoint holds
+        newest = settings.round - 1 if is_train else settings.round
+        restored = restore_from_disk(
+            store,
+            state_dir,
+            pid,
+            arch,
+            personal_identity(cfg, pid, n),
+            at_most_round=newest if cfg.federation.resume_from else None,
+        )
+        notes["personal_restored_from_disk"] = float(restored)
     private_keys: list[str] = []
     if method.supports_private_patterns and cfg.model.private_patterns:  # FML's private head
         meme = build_model(cfg.model.meme, info.input_shape, info.num_classes)
@@ -218,7 +228,34 @@ def persist(r: ClientRound, context: Context, n: int) -> None:
             state_dir,
             r.partition_id,
             personal_identity(r.cfg, r.partition_id, n),
+            round_=r.settings.round,
         )
+
+
+TRAINED = "fml-flower.trained"
+"""``context.state`` key, with in-train evaluation only: the last round this client trained
+in (this run), so that it scores nothing before its first round."""
+
+
+def evaluate_before_training(
+    msg: Message, context: Context, r: ClientRound, method: Method, resumed_from_disk: bool
+) -> dict[str, float]:
+    """With ``federation.evaluation: in-train`` (the config key ``evaluate-before-train``),
+    the method's evaluation of what this client holds from its last round (the received
+    global model, its own models), prefixed ``eval.``: what a separate evaluation message
+    of that round would have returned. Nothing before the client's first round of the run
+    (a separate evaluation would not have asked it either), except in a resumed run for a
+    client whose personalized model was just restored from its state-dir: it scores the
+    round the run resumes after.
+    """
+    if not msg.content["config"].get(EVALUATE_BEFORE_TRAIN):  # type: ignore[union-attr]
+        return {}
+    if TRAINED not in context.state and not resumed_from_disk:
+        return {}
+    t0 = time.perf_counter()
+    scores: dict[str, float] = {"num-examples": len(r.test), **method.evaluate(r)}
+    scores["eval_seconds"] = time.perf_counter() - t0
+    return {EVAL_PREFIX + k: v for k, v in scores.items()}
 
 
 @app.train(mods=[attack_mod, privacy_mod])
@@ -228,11 +265,16 @@ def train(msg: Message, context: Context) -> Message:
     """
     t0 = time.perf_counter()
     r, method, notes = client_round(msg, context)
+    resumed = bool(r.cfg.federation.resume_from) and notes.get("personal_restored_from_disk") == 1.0
+    scored = evaluate_before_training(msg, context, r, method, resumed)
     t1 = time.perf_counter()
     arrays, metrics = method.train(r)
     persist(r, context, partition_of(context)[1])
+    if msg.content["config"].get(EVALUATE_BEFORE_TRAIN):  # type: ignore[union-attr]
+        context.state[TRAINED] = ConfigRecord({"round": r.settings.round})
     notes.update(setup_seconds=t1 - t0, train_seconds=time.perf_counter() - t1)
     reply = {**metrics, **notes, "num-examples": len(r.data.train), "partition_id": r.partition_id}
+    reply.update(scored)
     content = RecordDict({"metrics": MetricRecord(reply)})
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)

@@ -28,6 +28,7 @@ from fml_flower.personal import PERSONAL, cpu_state, load_model, save_model
 from fml_flower.settings import RoundSettings
 from fml_flower.training import Batches, as_labels, mutual_step, run_epochs, sgd
 from fml_flower.training import evaluate as evaluate_model
+from strategies.robust import EVAL_PREFIX, EVALUATE_BEFORE_TRAIN
 
 
 def train(
@@ -40,6 +41,7 @@ def train(
     update: str = "simultaneous",
     last_batch: str = "keep",
     generator: torch.Generator | None = None,
+    test: Batches | None = None,
 ) -> RecordDict:
     """One FML round: the reply to a training message of ``FedMutualLearning``.
 
@@ -67,6 +69,12 @@ def train(
         With tensors: ``keep``, ``drop`` or ``merge`` the last incomplete batch.
     generator : Optional[torch.Generator]
         Seeds the batch order (with tensors).
+    test : Optional[tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]]
+        The client's test data. Needed when the strategy evaluates in the training
+        message (``FedMutualLearning(evaluate_in_train=True)``: one message per round):
+        from its second round on, the client then scores the received global model and
+        its personalized model on it *before* training, as :func:`evaluate` would have
+        for the previous round, and adds them to the reply prefixed ``eval.``.
 
     Returns
     -------
@@ -75,6 +83,16 @@ def train(
         ``num-examples`` and the mean training losses and accuracies of both models.
     """
     s = RoundSettings.from_config(content["config"], fml=True)  # type: ignore[arg-type]
+    scored: dict[str, float | int] = {}
+    if content["config"].get(EVALUATE_BEFORE_TRAIN):  # type: ignore[union-attr]
+        if test is None:
+            raise ValueError(
+                "the strategy evaluates in the training message (evaluate_in_train=True): "
+                "pass the client's test data as test=(x_test, y_test)"
+            )
+        if ContextStore(state).has(PERSONAL):  # not before the client's first round
+            reply = evaluate(content, state, meme=meme, local=local, data=test)
+            scored = {EVAL_PREFIX + k: v for k, v in reply["metrics"].items()}  # type: ignore[union-attr]
     meme.load_state_dict(content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     device = next(meme.parameters()).device
     local.to(device)
@@ -85,7 +103,7 @@ def train(
     step = mutual_step(local, meme, opt_local, opt_meme, s.alpha, s.beta, update)  # type: ignore[arg-type]
     stats = run_epochs(step, data, s.batch_size, s.local_epochs, generator, last_batch)
     save_model(store, PERSONAL, local, opt_local)
-    metrics = {**stats.means(), "num-examples": stats.examples // s.local_epochs}
+    metrics = {**stats.means(), "num-examples": stats.examples // s.local_epochs, **scored}
     return RecordDict({"arrays": ArrayRecord(cpu_state(meme)), "metrics": MetricRecord(metrics)})
 
 

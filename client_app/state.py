@@ -12,6 +12,7 @@ empty (a new run, a restarted SuperNode), so a client never loses it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -70,13 +71,25 @@ def personal_file(state_dir: Path, partition_id: int) -> Path:
     return state_dir / f"personal-p{partition_id}.ckpt"
 
 
+def previous_file(state_dir: Path, partition_id: int) -> Path:
+    """The version of :func:`personal_file` written one round before."""
+    return state_dir / f"personal-p{partition_id}.prev.ckpt"
+
+
 def persist_personal(
-    store: ContextStore, state_dir: Path, partition_id: int, identity: dict[str, str]
+    store: ContextStore,
+    state_dir: Path,
+    partition_id: int,
+    identity: dict[str, str],
+    round_: int | None = None,
 ) -> Path | None:
     """Write the personalized model held in ``store`` to ``state_dir`` atomically.
 
     ``identity`` (e.g. the method and the data split) is stored with it and must match
-    when the model is restored. Returns None if there is no personalized model.
+    when the model is restored; ``round_`` is the (absolute) round it was trained in. The
+    file it replaces is kept as :func:`previous_file` (one round back: what a run resumed
+    from the server's last checkpoint needs when the SuperLink died after this client had
+    already finished the next round). Returns None if there is no personalized model.
     """
     saved = store.load(PERSONAL)
     if saved is None:
@@ -88,25 +101,53 @@ def persist_personal(
         "arch": saved.arch,
         "rounds_trained": saved.rounds_trained,
         "partition_id": partition_id,
+        "round": round_,
     }
     path = personal_file(state_dir, partition_id)
+    if path.exists():
+        os.replace(path, previous_file(state_dir, partition_id))  # atomic; then the new one
     save_checkpoint(path, payload)
     return path
 
 
 def restore_from_disk(
-    store: ContextStore, state_dir: Path, partition_id: int, arch: str, identity: dict[str, str]
+    store: ContextStore,
+    state_dir: Path,
+    partition_id: int,
+    arch: str,
+    identity: dict[str, str],
+    at_most_round: int | None = None,
 ) -> bool:
     """Put the personalized model saved in ``state_dir`` into an empty ``store``.
 
+    ``at_most_round`` (a resumed run: the last round the server's checkpoint holds, for
+    a training message) picks the newest saved version trained in that round or before,
+    so that a client that had finished one more round than the server recorded continues
+    from exactly where the server does. ``None``: the newest version.
+
     Returns False when there is no file (a client's first round ever). A corrupt file,
     or one saved for another partition, architecture or run identity (method, data split),
-    raises :class:`CheckpointError` instead of letting the client start afresh or mix runs.
+    or no version old enough, raises :class:`CheckpointError` instead of letting the client
+    start afresh or mix runs.
     """
     path = personal_file(state_dir, partition_id)
     if not path.exists():
-        return False
+        prev = previous_file(state_dir, partition_id)
+        if not prev.exists():
+            return False
+        path = prev  # a crash between keeping the old version and writing the new one
     payload = load_checkpoint(path)
+    if at_most_round is not None and (payload.get("round") or 0) > at_most_round:
+        prev = previous_file(state_dir, partition_id)
+        older = load_checkpoint(prev) if prev.exists() and prev != path else None
+        if older is None or (older.get("round") or 0) > at_most_round:
+            also = "" if older is None else f" (and {prev.name} of round {older.get('round')})"
+            raise CheckpointError(
+                f"{path}: holds the personalized model of round {payload.get('round')}{also}, "
+                f"but this run resumes after round {at_most_round}: no saved version is "
+                "old enough (resume from a later checkpoint, or use another state-dir)"
+            )
+        path, payload = prev, older
     if payload.get("partition_id") != partition_id:
         raise CheckpointError(
             f"{path}: saved for partition {payload.get('partition_id')}, this node is "

@@ -190,6 +190,12 @@ class FederationConfig:
     num_rounds: int = 10
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    evaluation: str = "in-train"
+    """``in-train``: one message per round: clients score what they hold from the last
+    round (the received global model, their personalized model) before they train and send
+    it with the training reply; it is booked as that round's evaluation, and only the last
+    round gets an evaluation message. ``separate``: an evaluation message every round,
+    right after aggregation (Flower's default)."""
     min_nodes: int = 2
     """Wait for at least this many nodes; also the minimum sampled per round."""
     round_timeout: float = 3600.0
@@ -655,6 +661,7 @@ def validate(cfg: FMLConfig) -> None:
     _check(f.num_rounds >= 1, "federation.num_rounds", "must be >= 1")
     _check(0 < f.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
     _check(0 <= f.fraction_evaluate <= 1, "federation.fraction_evaluate", "must be in [0, 1]")
+    _check_choice(f.evaluation, "federation.evaluation", ("in-train", "separate"))
     _check(f.min_nodes >= 1, "federation.min_nodes", "must be >= 1")
     _check(f.round_timeout > 0, "federation.round_timeout", "must be > 0")
     _check(f.node_wait > 0, "federation.node_wait", "must be > 0 seconds")

@@ -238,7 +238,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device '{name}' requested but torch sees no CUDA GPU")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device '{name}' requested but torch sees {torch.cuda.device_count()} GPU(s)"
+            )
+    return device
 
 
 def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

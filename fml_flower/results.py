@@ -95,6 +95,22 @@ class RunRecorder:
                     self.writer.add_scalar(key, value, global_step=int(record["round"]))
             self.writer.flush()
 
+    def amend_round(self, round_: int, fields: Mapping[str, Any]) -> None:
+        """Add ``fields`` to the record of round ``round_`` (metrics that arrive one round
+        later, see ``federation.evaluation``) and rewrite the files.
+        """
+        for record in self.rounds:
+            if record["round"] == round_:
+                record.update(fields)
+                self._write()
+                if self.writer is not None:
+                    for key, value in fields.items():
+                        if isinstance(value, int | float) and not isinstance(value, bool):
+                            self.writer.add_scalar(key, value, global_step=round_)
+                    self.writer.flush()
+                return
+        raise KeyError(f"no record of round {round_} to amend")
+
     def finish(self, **info: Any) -> None:
         """Record final run information (e.g. total time) and rewrite the files."""
         self.run_info.update(info)

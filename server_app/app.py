@@ -25,7 +25,7 @@ from fml_flower.config import (
 )
 from fml_flower.data import check_client_datasets, federated_data
 from fml_flower.methods import get_method
-from fml_flower.models import build_model, cpu_state_dict
+from fml_flower.models import build_model, cpu_state_dict, resolve_device
 from fml_flower.results import RunRecorder, plot_run, summary_table
 from server_app.grid import PollingGrid
 from server_app.participants import PartitionJoins
@@ -97,6 +97,12 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     t0 = time.monotonic()
     method = get_method(cfg.train.method)
     random.seed(cfg.seed)  # Flower samples nodes with the random module: make it reproducible
+    try:  # the central evaluation runs here, on train.device: fail before any folder
+        resolve_device(cfg.train.device)
+    except ValueError as err:
+        raise ConfigError(
+            f"train.device: {err} (on the server, for the central evaluation)"
+        ) from err
     resume = resume_point(cfg)
     num_nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.round_timeout)
     check_partition_ids(cfg, num_nodes)  # a key naming a client that does not exist

@@ -17,7 +17,7 @@ from fml_flower.methods import Method
 from fml_flower.models import build_model, resolve_device
 from fml_flower.results import RunRecorder
 from fml_flower.training import evaluate
-from strategies.robust import RobustFedAvg
+from strategies.robust import RobustFedAvg, RoundLog
 
 CHECKPOINT_NAME = "checkpoint.ckpt"
 
@@ -34,13 +34,7 @@ def progress_line(record: dict, num_rounds: int, rounds_done_here: int | None = 
     parts = [
         f"[round {r}/{num_rounds}] {record['seconds']:.1f}s, elapsed {elapsed:.0f}s, ETA {eta:.0f}s"
     ]
-    if "personal_acc" in record:
-        parts.append(
-            f"personalized {record['personal_acc']:.4f} "
-            f"[{record['personal_acc_min']:.3f}-{record['personal_acc_max']:.3f}]"
-        )
-    if "global_acc" in record:
-        parts.append(f"global(clients) {record['global_acc']:.4f}")
+    parts.extend(client_scores(record))
     if record.get("central_acc") is not None:
         parts.append(f"global(central) {record['central_acc']:.4f}")
     if record.get("replies_dropped") or record.get("replies_missing"):
@@ -50,6 +44,19 @@ def progress_line(record: dict, num_rounds: int, rounds_done_here: int | None = 
     if record.get("aggregated") is False:
         parts.append("global model NOT updated (too few valid replies)")
     return " | ".join(parts)
+
+
+def client_scores(record: dict) -> list[str]:
+    """The clients' scores of a round record, as progress-line parts."""
+    parts = []
+    if "personal_acc" in record:
+        parts.append(
+            f"personalized {record['personal_acc']:.4f} "
+            f"[{record['personal_acc_min']:.3f}-{record['personal_acc_max']:.3f}]"
+        )
+    if "global_acc" in record:
+        parts.append(f"global(clients) {record['global_acc']:.4f}")
+    return parts
 
 
 class CentralEvaluation:
@@ -112,6 +119,7 @@ class CentralEvaluation:
             self.t_last = now
             return MetricRecord(central)
         if server_round > 0:
+            self.amend_previous(server_round)
             record.update(self.round_record(server_round, absolute))
             record.update(
                 seconds=now - self.t_last,
@@ -141,6 +149,36 @@ class CentralEvaluation:
             },
         )
         return MetricRecord(central)
+
+    def amend_previous(self, server_round: int) -> None:
+        """With ``federation.evaluation: in-train``, the clients' scores of the previous
+        round came with this round's training replies: add them to its record.
+        """
+        book = self.strategy.rounds.get(server_round - 1)
+        if book is None or not book.evaluated_late:
+            return
+        fields = self.evaluation_fields(book)
+        self.recorder.amend_round(server_round - 1 + self.round_offset, fields)
+        scores = client_scores(fields)
+        if scores:
+            log(
+                INFO,
+                "[round %d, scored by its clients before round %d] %s",
+                server_round - 1 + self.round_offset,
+                server_round + self.round_offset,
+                " | ".join(scores),
+            )
+
+    @staticmethod
+    def evaluation_fields(book: RoundLog) -> dict:
+        """A round's client evaluation as record fields."""
+        fields: dict = {**book.evaluate_metrics}
+        fields.pop("num_clients", None)
+        fields.update(
+            clients_evaluated=int(book.evaluate_metrics.get("num_clients", 0)),
+            clients={str(k): v for k, v in sorted(book.clients.items())},
+        )
+        return fields
 
     def round_record(self, server_round: int, absolute: int) -> dict:
         """What the strategy saw in ``server_round``: client metrics, drops, settings."""

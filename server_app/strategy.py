@@ -53,6 +53,7 @@ def make_strategy(
         min_available_nodes=f.min_nodes,
         min_replies=f.min_replies,
         participation=participation,
+        evaluate_in_train=f.evaluation == "in-train",
         node_wait=f.node_wait,
         round_offset=round_offset,
         aggregator=make_aggregator(

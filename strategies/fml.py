@@ -76,6 +76,11 @@ class FedMutualLearning(RobustFedAvg):
         uniform ones; see :func:`strategies.privacy.differential_privacy`).
     participation : Optional[Callable[[int, list[int]], list[int]]] (default: None)
         ``(server_round, connected node ids) -> node ids that may be sampled``.
+    evaluate_in_train : bool (default: False)
+        One message per round: clients score the received global model and their
+        personalized model before training and send the scores with the training reply;
+        they are booked as the previous round's evaluation, and only the last round gets
+        an evaluation message (:func:`client_app.fml.train` then needs ``test=``).
     node_wait : Optional[float] (default: None)
         Seconds a round waits for enough connected nodes before it raises
         ``NodeWaitTimeout``; ``None`` waits forever (Flower's behaviour).
@@ -109,6 +114,7 @@ class FedMutualLearning(RobustFedAvg):
         aggregator: Aggregator | None = None,
         weighting: str = "examples",
         participation: Participation | None = None,
+        evaluate_in_train: bool = False,
         node_wait: float | None = None,
         round_offset: int = 0,
         weighted_by_key: str = "num-examples",
@@ -133,6 +139,7 @@ class FedMutualLearning(RobustFedAvg):
             aggregator=aggregator,
             weighting=weighting,
             participation=participation,
+            evaluate_in_train=evaluate_in_train,
             node_wait=node_wait,
             round_offset=round_offset,
             weighted_by_key=weighted_by_key,

@@ -50,6 +50,7 @@ class StrategyOptions(TypedDict, total=False):
     aggregator: Aggregator | None
     weighting: str
     participation: Participation | None
+    evaluate_in_train: bool
     node_wait: float | None
     round_offset: int
     weighted_by_key: str
@@ -84,6 +85,9 @@ class RoundLog:
     :mod:`strategies.privacy`, which checks them before clipping)."""
     privacy: dict[str, float | None] = field(default_factory=dict)
     """What a differential-privacy wrapper released this round (epsilon so far, ...)."""
+    evaluated_late: bool = False
+    """The evaluation metrics of this round came with the next round's training replies
+    (``evaluate_in_train``), after this round's record was first written."""
 
 
 class RobustFedAvg(FedAvg):
@@ -141,6 +145,14 @@ class RobustFedAvg(FedAvg):
     participation : Optional[Callable[[int, list[int]], list[int]]] (default: None)
         ``(server_round, connected node ids) -> node ids that may be sampled``: e.g. new
         participants that join at a later round. ``None``: every connected node.
+    evaluate_in_train : bool (default: False)
+        One message per round: every training message asks the client (config key
+        ``evaluate-before-train``) to score, before it trains, what it holds from the
+        round before (the received global model and its own models) and to send those
+        metrics, prefixed ``eval.``, with its training reply. They are booked as the
+        previous round's evaluation (:attr:`RoundLog.evaluated_late`), which is exactly
+        what a separate evaluation of that round would have scored for those clients. No
+        evaluation message is sent, except after the last round.
     node_wait : Optional[float] (default: None)
         Seconds a round waits for enough connected nodes (``min_available_nodes`` and the
         sample size). After that it raises :class:`NodeWaitTimeout` naming how many it
@@ -175,6 +187,7 @@ class RobustFedAvg(FedAvg):
         aggregator: Aggregator | None = None,
         weighting: str = "examples",
         participation: Participation | None = None,
+        evaluate_in_train: bool = False,
         node_wait: float | None = None,
         round_offset: int = 0,
         weighted_by_key: str = "num-examples",
@@ -209,6 +222,8 @@ class RobustFedAvg(FedAvg):
         self.aggregator: Aggregator = aggregator if aggregator is not None else Mean()
         self.weighting = weighting
         self.participation = participation
+        self.evaluate_in_train = evaluate_in_train
+        self.final_round: int | None = None
         self.node_wait = node_wait
         self.round_offset = round_offset
         self.reference_arrays: ArrayRecord | None = None
@@ -233,7 +248,16 @@ class RobustFedAvg(FedAvg):
         """The training ConfigRecord of ``server_round``: ``config`` plus the settings."""
         out = ConfigRecord(dict(config))
         out.update(self.settings(server_round).to_config())
+        if self.evaluate_in_train and self.fraction_evaluate > 0:
+            out[EVALUATE_BEFORE_TRAIN] = True
         return out
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kw):  # type: ignore[no-untyped-def, override]
+        """Flower's ``Strategy.start``; remembers ``num_rounds`` (the round after which
+        ``evaluate_in_train`` still sends an evaluation message).
+        """
+        self.final_round = num_rounds
+        return super().start(grid, initial_arrays, num_rounds, **kw)
 
     def shared(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` without the private keys (all of them when there are none)."""
@@ -333,10 +357,15 @@ class RobustFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the shared global arrays for client-side evaluation to sampled nodes."""
+        """Send the shared global arrays for client-side evaluation to sampled nodes (with
+        ``evaluate_in_train``, after the last round only).
+        """
         if self.fraction_evaluate == 0.0:
             return []
+        if self.evaluate_in_train and server_round != self.final_round:
+            return []
         nodes = self.sample(server_round, grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        log(INFO, "configure_evaluate: sampled %d nodes", len(nodes))
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         config["round"] = server_round + self.round_offset
@@ -402,15 +431,18 @@ class RobustFedAvg(FedAvg):
         return self.aggregator(records, weights)
 
     def screen_train_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The valid training replies of ``server_round``; the rest is dropped with its
-        reason, counted in the round's log, and a fatal round (see :meth:`check_fatal`)
-        raises. Also records every accepted reply's update norm.
+        """The valid training replies of ``server_round``, ordered by client (partition
+        id, else node id: the float sums of the average then do not depend on the order
+        in which replies arrived); the rest is dropped with its reason, counted in the
+        round's log, and a fatal round (see :meth:`check_fatal`) raises. Also records every
+        accepted reply's update norm.
         """
         replies = list(replies)
         book = self.round_log(server_round)
         valid, book.train_dropped = self.filter_replies(
             server_round, replies, self.check_train_reply
         )
+        valid.sort(key=_client_of)  # arrival order must not change the average's bits
         book.train_replies, book.train_accepted = len(replies), len(valid)
         book.screened = True
         log(
@@ -439,7 +471,9 @@ class RobustFedAvg(FedAvg):
         if not valid:
             log(WARNING, "round %d: no valid reply; the global model stays", server_round)
             return None, None
-        metrics = [_only_metrics(m) for m in valid]
+        if self.evaluate_in_train:
+            self.book_late_evaluation(server_round - 1, valid)
+        metrics = [_train_part(_only_metrics(m)) for m in valid]
         examples = [float(m[self.weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
         weights = examples if self.weighting == "examples" else [1.0] * len(valid)
         book.train_clients = _per_client(valid, metrics)
@@ -462,6 +496,26 @@ class RobustFedAvg(FedAvg):
             return None, aggregated
         book.aggregated = True
         return self.aggregate_arrays(records, weights), aggregated
+
+    def book_late_evaluation(self, earlier_round: int, replies: list[Message]) -> None:
+        """Book the ``eval.*`` metrics of ``replies`` (scored before training) as the
+        evaluation of ``earlier_round``.
+        """
+        metrics = []
+        for msg in replies:
+            m = _only_metrics(msg)
+            part = {k[len(EVAL_PREFIX) :]: v for k, v in m.items() if k.startswith(EVAL_PREFIX)}
+            if part.get(self.weighted_by_key, 0) and len(part) > 1:
+                part.setdefault("partition_id", m.get("partition_id", msg.metadata.src_node_id))
+                metrics.append((msg, MetricRecord(part)))  # type: ignore[arg-type]
+        if not metrics:
+            return
+        book = self.round_log(earlier_round)
+        book.evaluated_late = True
+        book.evaluate_replies = len(metrics)
+        book.clients = _per_client([m for m, _ in metrics], [r for _, r in metrics])
+        aggregated = aggregate_evaluate_metrics([r for _, r in metrics], self.weighted_by_key)
+        book.evaluate_metrics = dict(aggregated)  # type: ignore[arg-type]
 
     def check_evaluate_reply(self, msg: Message) -> str | None:
         """Why an evaluation reply cannot be aggregated, or ``None`` if it can."""
@@ -494,8 +548,21 @@ class RobustFedAvg(FedAvg):
         return aggregated
 
 
+EVALUATE_BEFORE_TRAIN = "evaluate-before-train"
+"""Training-config key: score what you hold before training and send it (``eval.*``)."""
+EVAL_PREFIX = "eval."
+"""Prefix of the evaluation metrics inside a training reply's MetricRecord."""
+
+
 def _only_metrics(msg: Message) -> MetricRecord:
     return next(iter(msg.content.metric_records.values()))
+
+
+def _train_part(metrics: MetricRecord) -> MetricRecord:
+    """A training reply's metrics without the evaluation scored before training."""
+    if not any(k.startswith(EVAL_PREFIX) for k in metrics):
+        return metrics
+    return MetricRecord({k: v for k, v in metrics.items() if not k.startswith(EVAL_PREFIX)})
 
 
 def _client_of(msg: Message) -> int:
@@ -546,6 +613,8 @@ class _Eligible:
 
 
 __all__ = [
+    "EVALUATE_BEFORE_TRAIN",
+    "EVAL_PREFIX",
     "ClientsRefused",
     "NodeWaitTimeout",
     "Participation",

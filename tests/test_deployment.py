@@ -240,3 +240,91 @@ def test_a_supernode_killed_mid_run_never_hangs_the_federation(tmp_path: Path) -
     assert stopped or finished, log[-3000:]
     if finished:  # the dead node's replies are counted as missing or dropped, not waited for
         assert all(r["clients_trained"] == 1 for r in rounds[2:]), rounds
+
+
+def _personal_models(folder: Path) -> dict[str, dict]:
+    """``personal-p<i>.ckpt`` of every node folder under ``folder``: model tensors."""
+    out = {}
+    for path in sorted(folder.glob("node*/personal-p*.ckpt")):
+        if ".prev." not in path.name:
+            out[f"{path.parent.name}/{path.name}"] = load_checkpoint(path)
+    return out
+
+
+@pytest.mark.deployment
+def test_a_run_continues_bit_for_bit_after_its_superlink_is_killed(tmp_path: Path) -> None:
+    """SIGKILL the SuperLink during round 2 of 3, restart it, continue with
+    ``federation.resume_from``: the continued run ends with exactly the personalized
+    models (every tensor, every bit) and scores of the same run left uninterrupted."""
+    import threading
+
+    import torch
+
+    out = tmp_path / "out"
+    flwr_home = tmp_path / "flwr"
+    configs = node_configs(tmp_path / "ref", 2)
+    with deployment(flwr_home, tmp_path, 2, configs) as dep:
+        assert len(dep.wait_for_nodes(2, timeout=120)) == 2
+        ref = run_app(ROOT, flwr_home, dep.connection, run_config(out, "ref", 3, 2), None, 900)
+        ref_rounds = finished_rounds(ref, out / "ref", run_status(flwr_home, dep.connection))
+        for i, config in enumerate(dep.node_configs):  # fresh state-dirs for the second run
+            config["state-dir"] = str(tmp_path / "cut" / f"node{i}")
+            dep.stop_node(i)
+            dep.start_node(i)
+        assert len(dep.wait_for_nodes(2, timeout=120)) == 2
+        result: dict[str, subprocess.CompletedProcess[str]] = {}
+        thread = threading.Thread(
+            target=lambda: result.update(
+                proc=run_app(
+                    ROOT, flwr_home, dep.connection, run_config(out, "cut", 3, 2), None, 900
+                )
+            )
+        )
+        thread.start()
+        metrics = out / "cut" / "metrics.json"
+        states = [tmp_path / "cut" / f"node{i}" / f"personal-p{i}.ckpt" for i in range(2)]
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:  # kill once a client has finished round 2
+            rounds = json.loads(metrics.read_text())["rounds"] if metrics.is_file() else []
+            if any(r["round"] >= 2 for r in rounds):
+                break  # too late to catch it inside round 2: kill now, resume after round 2
+            done = [load_checkpoint(p).get("round") for p in states if p.is_file()]
+            if any(r["round"] == 1 for r in rounds) and 2 in done:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("round 2 never started")
+        assert dep.kill_superlink() == -9
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+        recorded = max(r["round"] for r in json.loads(metrics.read_text())["rounds"])
+        assert recorded < 3, "the run finished before the SuperLink was killed"
+        for i, node in enumerate(dep.nodes):  # a SuperNode that gave up is restarted as is
+            if node is not None and node.poll() is not None:
+                dep.start_node(i)
+        dep.start_superlink()
+        assert len(dep.wait_for_nodes(2, timeout=180)) == 2
+        resume = {
+            **run_config(out, "continued", 3, 2),
+            "federation.resume_from": str(out / "cut"),
+        }
+        cont = run_app(ROOT, flwr_home, dep.connection, resume, None, 900)
+        rounds = finished_rounds(cont, out / "continued", run_status(flwr_home, dep.connection))
+    log = cont.stdout + cont.stderr
+    assert f"resuming after round {recorded}" in log, log[-3000:]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    first = next(r for r in rounds if r["round"] == recorded + 1)
+    assert all(m["personal_restored_from_disk"] == 1.0 for m in first["clients_train"].values()), (
+        first["clients_train"]
+    )
+    for key in ("personal_acc", "personal_loss", "global_acc", "central_acc", "central_loss"):
+        assert rounds[-1][key] == ref_rounds[-1][key], (key, rounds[-1][key], ref_rounds[-1][key])
+    ref_models = _personal_models(tmp_path / "ref")
+    cut_models = _personal_models(tmp_path / "cut")
+    assert len(ref_models) == 2 and set(ref_models) == set(cut_models)
+    for name, saved in ref_models.items():
+        other = cut_models[name]
+        assert saved["round"] == other["round"] == 3
+        assert set(saved["model"]) == set(other["model"])
+        for k, tensor in saved["model"].items():
+            assert torch.equal(tensor, other["model"][k]), (name, k)

@@ -165,3 +165,41 @@ def test_saved_model_of_another_method_is_refused(tmp_path: Path) -> None:
     other = {**RUN_CONFIG, "train.method": "local"}
     with pytest.raises(CheckpointError, match="saved by a run with method 'fml'"):
         train(_train_message(2), _context(tmp_path, run_config=other))
+
+
+def test_a_resumed_run_restores_the_version_of_the_servers_last_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SuperLink died after this client had finished round 3, but the server's last
+    checkpoint is round 2: the resumed run (round 3 again) must start from the client's
+    round-2 model, kept as ``personal-p2.prev.ckpt``, not from its round-3 one."""
+    from client_app.state import previous_file
+
+    starts: list[dict[str, torch.Tensor]] = []
+    real_step = fml_method.mutual_step
+
+    def spy(local: torch.nn.Module, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        starts.append(cpu_state(local))
+        return real_step(local, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fml_method, "mutual_step", spy)
+    node = _context(tmp_path)
+    for r in (1, 2):
+        train(_train_message(r), node)
+    after_two = _personal(node)
+    train(_train_message(3), node)  # finished, but the server never recorded round 3
+    assert load_checkpoint(personal_file(tmp_path, 2))["round"] == 3
+    assert load_checkpoint(previous_file(tmp_path, 2))["round"] == 2
+    resumed_config = {**RUN_CONFIG, "federation.resume_from": str(tmp_path / "run")}
+    resumed = _context(tmp_path, run_config=resumed_config)
+    reply = train(_train_message(3), resumed)
+    assert _metrics(reply)["personal_restored_from_disk"] == 1.0
+    assert _equal(starts[-1], after_two)  # round 3 again, from the round-2 model
+    # a new (not resumed) run takes the newest version, as before
+    fresh = _context(tmp_path)
+    train(_train_message(1), fresh)
+    assert load_checkpoint(previous_file(tmp_path, 2))["round"] == 3
+    # resuming from further back than the files go is refused with the reason
+    too_old = _context(tmp_path, run_config=resumed_config)
+    with pytest.raises(CheckpointError, match="no saved version is old enough"):
+        train(_train_message(1), too_old)  # files of rounds 1 and 3; resumes after round 0

@@ -337,6 +337,7 @@ class Deployment:
         self.nodes: list[subprocess.Popen | None] = [None] * len(node_configs)
         self.node_ports: list[int] = [free_port() for _ in node_configs]
         self.superlink: subprocess.Popen | None = None
+        self.superlink_args: list[str] = []
 
     @property
     def ca(self) -> Path | None:
@@ -395,6 +396,38 @@ class Deployment:
         family = _flower_family(proc.pid)
         proc.kill()
         proc.wait(timeout=timeout)  # reaped: no zombie keeping its children
+        for pid, _ in _still_alive(family):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while _still_alive(family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return proc.returncode
+
+    def start_superlink(self, timeout: float = 90) -> subprocess.Popen:
+        """Start the SuperLink (again) on its address, with its database
+        (``flwr_home/state.db``), and wait until it is healthy.
+        """
+        if self.superlink is not None and self.superlink.poll() is None:
+            raise RuntimeError(f"the SuperLink is already running (PID {self.superlink.pid})")
+        port = int(self.address.rsplit(":", 1)[1])
+        self.superlink, _ = _start_superlink(
+            self.flwr_home, self.cwd, port, self.superlink_args, self.ca, timeout
+        )
+        return self.superlink
+
+    def kill_superlink(self, timeout: float = 20) -> int | None:
+        """SIGKILL the SuperLink and the Flower processes it started (its ServerApp, its
+        SuperExec), reaping them: a SuperLink that dies mid-run. Returns its exit code.
+        """
+        proc = self.superlink
+        if proc is None or proc.poll() is not None:
+            return None if proc is None else proc.returncode
+        family = _flower_family(proc.pid)
+        proc.kill()
+        proc.wait(timeout=timeout)
         for pid, _ in _still_alive(family):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -492,8 +525,9 @@ def deployment(
         ]
     else:
         tls = ["--insecure"]
+    dep.superlink_args = tls
     try:
-        dep.superlink, _ = _start_superlink(flwr_home, cwd, port, tls, dep.ca, timeout)
+        dep.start_superlink(timeout)
         for i in range(num_nodes):
             dep.start_node(i)
         yield dep
