@@ -244,9 +244,9 @@ def evaluate_before_training(
     the method's evaluation of what this client holds from its last round (the received
     global model, its own models), prefixed ``eval.``: what a separate evaluation message
     of that round would have returned. Nothing before the client's first round of the run
-    (a separate evaluation would not have asked it either), except in a resumed run for a
-    client whose personalized model was just restored from its state-dir: it scores the
-    round the run resumes after.
+    (a separate evaluation would not have asked it either), except for a client whose
+    personalized model was just restored from its state-dir in a resumed run or after
+    round 1 (a restarted SuperNode): it scores what it restored.
     """
     if not msg.content["config"].get(EVALUATE_BEFORE_TRAIN):  # type: ignore[union-attr]
         return {}
@@ -265,7 +265,8 @@ def train(msg: Message, context: Context) -> Message:
     """
     t0 = time.perf_counter()
     r, method, notes = client_round(msg, context)
-    resumed = bool(r.cfg.federation.resume_from) and notes.get("personal_restored_from_disk") == 1.0
+    restored = notes.get("personal_restored_from_disk") == 1.0  # a resumed run, a restarted node
+    resumed = restored and (bool(r.cfg.federation.resume_from) or r.settings.round > 1)
     scored = evaluate_before_training(msg, context, r, method, resumed)
     t1 = time.perf_counter()
     arrays, metrics = method.train(r)

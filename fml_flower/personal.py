@@ -87,6 +87,10 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+class NonFiniteModel(FloatingPointError):
+    """A model to be kept holds NaN or Inf."""
+
+
 def save_model(
     store: PersonalStore,
     slot: str,
@@ -96,7 +100,19 @@ def save_model(
 ) -> SavedModel:
     """Keep ``model`` (parameters and buffers) and ``optimizer``'s state in ``slot``;
     counts the rounds the slot has been trained.
+
+    Raises :class:`NonFiniteModel` (and stores nothing: the slot keeps its last version)
+    when a floating value of ``model`` is NaN or infinite.
     """
+    state = cpu_state(model)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteModel(
+            f"the {slot} model became NaN/Inf in training ({len(bad)} arrays, e.g. "
+            f"'{bad[0]}'), most likely because the received global model is corrupt (e.g. "
+            "a poisoned aggregate); it is not stored: the version of its last good round is "
+            "kept"
+        )
     previous = store.load(slot)
     blob = b""
     if optimizer is not None:
@@ -104,7 +120,7 @@ def save_model(
         torch.save(optimizer.state_dict(), buffer)
         blob = buffer.getvalue()
     saved = SavedModel(
-        state=cpu_state(model),
+        state=state,
         optimizer=blob,
         signature=architecture_signature(model),
         arch=arch or (previous.arch if previous else ""),

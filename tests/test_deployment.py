@@ -294,22 +294,29 @@ def test_a_run_continues_bit_for_bit_after_its_superlink_is_killed(tmp_path: Pat
             time.sleep(0.2)
         else:
             pytest.fail("round 2 never started")
+        killed_at = time.monotonic()
         assert dep.kill_superlink() == -9
         thread.join(timeout=300)
         assert not thread.is_alive()
         recorded = max(r["round"] for r in json.loads(metrics.read_text())["rounds"])
         assert recorded < 3, "the run finished before the SuperLink was killed"
-        for i, node in enumerate(dep.nodes):  # a SuperNode that gave up is restarted as is
-            if node is not None and node.poll() is not None:
-                dep.start_node(i)
+        exited = [i for i, n in enumerate(dep.nodes) if n is not None and n.poll() is not None]
+        for i in exited:  # a SuperNode that gave up is restarted as is
+            dep.start_node(i)
         dep.start_superlink()
         assert len(dep.wait_for_nodes(2, timeout=180)) == 2
+        back_at = time.monotonic()
         resume = {
             **run_config(out, "continued", 3, 2),
             "federation.resume_from": str(out / "cut"),
         }
         cont = run_app(ROOT, flwr_home, dep.connection, resume, None, 900)
         rounds = finished_rounds(cont, out / "continued", run_status(flwr_home, dep.connection))
+        print(  # for docs/deployment.md's fault table (pytest -s)
+            f"SuperLink killed after round {recorded} was recorded; SuperNodes that exited: "
+            f"{exited}; nodes back {back_at - killed_at:.0f} s after the kill; continued "
+            f"run {time.monotonic() - back_at:.0f} s"
+        )
     log = cont.stdout + cont.stderr
     assert f"resuming after round {recorded}" in log, log[-3000:]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
@@ -328,3 +335,56 @@ def test_a_run_continues_bit_for_bit_after_its_superlink_is_killed(tmp_path: Pat
         assert set(saved["model"]) == set(other["model"])
         for k, tensor in saved["model"].items():
             assert torch.equal(tensor, other["model"][k]), (name, k)
+
+
+@pytest.mark.deployment
+def test_a_supernode_restarted_mid_run_continues_its_personalized_model(tmp_path: Path) -> None:
+    """SIGKILL SuperNode 1 after round 1 and start it again at once with the same node
+    config: it comes back under a new node id, restores its personalized model from its
+    state-dir, and trains every later round; at most the round it died in misses it."""
+    import threading
+
+    out = tmp_path / "out"
+    with deployment(tmp_path / "flwr", tmp_path, 2, node_configs(tmp_path, 2)) as dep:
+        assert len(dep.wait_for_nodes(2, timeout=120)) == 2
+        config = {**run_config(out, "restart", 4, 2), "federation.round_timeout": 120}
+        result: dict[str, subprocess.CompletedProcess[str]] = {}
+        thread = threading.Thread(
+            target=lambda: result.update(
+                proc=run_app(ROOT, dep.flwr_home, dep.connection, config, None, timeout=900)
+            )
+        )
+        thread.start()
+        metrics = out / "restart" / "metrics.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if metrics.is_file() and any(
+                r["round"] == 1 for r in json.loads(metrics.read_text())["rounds"]
+            ):
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("round 1 never finished")
+        killed_at = time.monotonic()
+        assert dep.kill_node(1) == -9
+        dep.start_node(1)
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "the run hung after a SuperNode restart"
+        ended = time.monotonic()
+        rounds = finished_rounds(
+            result["proc"], out / "restart", run_status(dep.flwr_home, dep.connection)
+        )
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    missed = [r["round"] for r in rounds[2:] if r["clients_trained"] < 2]
+    assert len(missed) <= 1 and missed in ([], [2]), [r["clients_trained"] for r in rounds]
+    back = next(r for r in rounds[2:] if "1" in r["clients_train"])
+    assert back["clients_train"]["1"]["personal_restored_from_disk"] == 1.0
+    assert all(r["clients_trained"] == 2 for r in rounds[back["round"] :])
+    saved = load_checkpoint(tmp_path / "node1" / "personal-p1.ckpt")
+    assert saved["rounds_trained"] == 4 - len(missed)  # it continued its model: no restart
+    assert set(rounds[-1]["clients"]) == {"0", "1"}
+    print(  # for docs/deployment.md's fault table (pytest -s)
+        f"SuperNode restarted after round 1: rounds without it {missed}; rounds "
+        f"{[round(r['seconds']) for r in rounds[1:]]} s; run ended {ended - killed_at:.0f} s "
+        "after the kill"
+    )

@@ -116,3 +116,48 @@ def test_aggregation_configuration_is_checked() -> None:
         check_partition_ids(attack, 10)
     with pytest.raises(ConfigError, match=r"aggregation\.rule"):
         load_config("base", {"aggregation.rule": "geomed"})
+
+
+def test_a_corrupt_global_model_never_reaches_the_personalized_model(tmp_path) -> None:
+    """A poisoned aggregate (finite but huge) makes the meme's predictions NaN, which
+    mutual learning would pass to the personalized model: the client refuses with the
+    reason, and its stored personalized model (memory and state-dir) stays as it was."""
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from client_app.app import train
+    from client_app.state import ContextStore, personal_file
+    from fml_flower.checkpoint import load_checkpoint
+    from fml_flower.models import build_model
+    from fml_flower.personal import PERSONAL, NonFiniteModel
+    from fml_flower.settings import RoundSettings
+
+    context = Context(
+        run_id=1,
+        node_id=11,
+        state=RecordDict(),
+        node_config={"partition-id": 2, "num-partitions": 10, "state-dir": str(tmp_path)},
+        run_config={"experiment": "base", "model.meme": "mlp", "model.local": "mlp"},
+    )
+
+    def message(server_round: int, scale: float) -> Message:
+        state = build_model("mlp", (1, 28, 28), 10, seed=0).state_dict()
+        arrays = ArrayRecord({k: v * scale for k, v in state.items()})
+        settings = RoundSettings(
+            lr=0.05, local_epochs=1, batch_size=32, round=server_round, alpha=0.5, beta=0.5
+        )
+        config = ConfigRecord({"server-round": server_round, **settings.to_config()})
+        return Message(
+            RecordDict({"arrays": arrays, "config": config}),
+            dst_node_id=11,
+            message_type=MessageType.TRAIN,
+        )
+
+    train(message(1, 1.0), context)
+    before = ContextStore(context.state).load(PERSONAL)
+    with pytest.raises(NonFiniteModel, match="received global model is corrupt"):
+        train(message(2, 1e30), context)
+    after = ContextStore(context.state).load(PERSONAL)
+    assert after.rounds_trained == before.rounds_trained == 1
+    assert all(torch.equal(before.state[k], after.state[k]) for k in before.state)
+    assert load_checkpoint(personal_file(tmp_path, 2))["round"] == 1  # nor on disk

@@ -4,6 +4,7 @@
     python -m tools.bench sim               # (3) P1 through Flower's simulation engine
     python -m tools.bench sim100            # (4) 100 clients, 10% sampled per round
     python -m tools.bench deploy --before <dir>   # (5) loopback deployment, before/after
+    python -m tools.bench deploy --evaluation     # (5) separate vs in-train evaluation
     python -m tools.bench all
 
 Each part prints its table, stores its numbers in ``docs/performance/<part>.json`` and
@@ -366,9 +367,15 @@ def bench_simulation(
 # ---------------------------------------------------------------- (5): deployment
 
 
-def bench_deployment(app_dirs: dict[str, Path], rounds: int, trials: int) -> dict[str, Any]:
+def bench_deployment(
+    app_dirs: dict[str, Path],
+    rounds: int,
+    trials: int,
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """SuperLink + 2 SuperNodes on loopback, trivial work (mlp, 2 x ~160 digits), for
-    each app folder in ``app_dirs`` (e.g. the code before and after a change), alternating.
+    each app folder in ``app_dirs`` (e.g. the code before and after a change), alternating;
+    ``extra[label]`` adds run-config keys to that variant (e.g. ``federation.evaluation``).
     """
     from tools.launch import deployment, run_app, run_status
 
@@ -394,6 +401,7 @@ def bench_deployment(app_dirs: dict[str, Path], rounds: int, trials: int) -> dic
                 }
                 if tuned:
                     run_config["federation.poll_interval"] = 0.1
+                run_config.update((extra or {}).get(label, {}))
                 flwr_home = Path(tmp) / ".flwr"
                 with deployment(
                     flwr_home,
@@ -588,6 +596,11 @@ def main(argv: list[str] | None = None) -> int:
         "--before", type=Path, default=None, help="deploy: an older checkout to compare"
     )
     parser.add_argument("--trials", type=int, default=1, help="deploy: alternations")
+    parser.add_argument(
+        "--evaluation",
+        action="store_true",
+        help="deploy: alternate federation.evaluation=separate and in-train (this checkout)",
+    )
     args = parser.parse_args(argv)
     data_root = str(Path(args.data_root).resolve())
     if args.threads:
@@ -620,6 +633,13 @@ def main(argv: list[str] | None = None) -> int:
             result = bench_simulation(data_root, args.rounds or 3, 20, 1.0, cpus, polls)
         elif part == "sim100":
             result = bench_simulation(data_root, args.rounds or 5, 100, 0.1, cpus, polls)
+        elif args.evaluation:  # one app, its two evaluation modes alternated
+            result = bench_deployment(
+                {"separate": ROOT, "in-train": ROOT},
+                args.rounds or 5,
+                args.trials,
+                {m: {"federation.evaluation": m} for m in ("separate", "in-train")},
+            )
         else:
             dirs = {"after": ROOT}
             if args.before is not None:
