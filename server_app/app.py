@@ -7,7 +7,7 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -31,6 +31,7 @@ from server_app.grid import PollingGrid
 from server_app.participants import PartitionJoins
 from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
 from server_app.strategy import make_private, make_strategy
+from strategies.robust import ClientsRefused
 
 app = ServerApp()
 
@@ -169,21 +170,30 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     )
 
     stopped = None
+    central = CentralEvaluation(
+        cfg, method, data, strategy, recorder, round_offset=offset, resumed=bool(resume)
+    )
+    timeout = cfg.federation.round_timeout
     try:
         served.start(
             grid=grid,
             initial_arrays=ArrayRecord(cpu_state_dict(meme)),
             num_rounds=cfg.federation.num_rounds - offset,
-            timeout=cfg.federation.round_timeout,
+            timeout=timeout,
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
-            evaluate_fn=CentralEvaluation(
-                cfg, method, data, strategy, recorder, round_offset=offset, resumed=bool(resume)
-            ),
+            evaluate_fn=central,
         )
     except PrivacyBudgetExhausted as err:  # a configured end, not a failure
         stopped = f"privacy budget exhausted: {err}"
         log(INFO, "The run stops before its next round: %s", stopped)
+        central.evaluate_last(grid, timeout)
+    except ClientsRefused:  # the clients are there: score the last round, then fail
+        try:
+            central.evaluate_last(grid, timeout)
+        except Exception as err:  # the run fails with the clients' reason, not this one
+            log(WARNING, "scoring the last round before stopping failed too: %r", err)
+        raise
     recorder.finish(
         finished=datetime.now().isoformat(timespec="seconds"),
         seconds=time.monotonic() - t0,

@@ -7,8 +7,9 @@ import time
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 
 from fml_flower.checkpoint import save_checkpoint
 from fml_flower.config import FMLConfig
@@ -91,6 +92,8 @@ class CentralEvaluation:
         )
         self.central = method.central_evaluation(cfg, self.model)
         self.t_start = self.t_last = time.monotonic()
+        self.last: tuple[int, ArrayRecord] | None = None
+        """The last recorded round and its global model."""
 
     @property
     def checkpoint_path(self) -> Path:
@@ -119,6 +122,7 @@ class CentralEvaluation:
             self.t_last = now
             return MetricRecord(central)
         if server_round > 0:
+            self.last = (server_round, arrays)
             self.amend_previous(server_round)
             record.update(self.round_record(server_round, absolute))
             record.update(
@@ -168,6 +172,30 @@ class CentralEvaluation:
                 server_round + self.round_offset,
                 " | ".join(scores),
             )
+
+    def evaluate_last(self, grid: Grid, timeout: float) -> None:
+        """A run that stops early with ``federation.evaluation: in-train`` (a privacy
+        budget, every client refusing) has not had its last recorded round scored by the
+        clients: send that round's evaluation messages now and add the scores.
+        """
+        if not self.strategy.evaluate_in_train or self.last is None:
+            return
+        server_round, arrays = self.last
+        book = self.strategy.round_log(server_round)
+        if book.evaluate_metrics:
+            return
+        self.strategy.final_round = server_round
+        messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        self.strategy.aggregate_evaluate(server_round, replies)
+        fields = self.evaluation_fields(book)
+        self.recorder.amend_round(server_round + self.round_offset, fields)
+        log(
+            INFO,
+            "[round %d, scored by its clients as the run stops] %s",
+            server_round + self.round_offset,
+            " | ".join(client_scores(fields)) or "no scores",
+        )
 
     @staticmethod
     def evaluation_fields(book: RoundLog) -> dict:

@@ -237,6 +237,11 @@ def test_a_supernode_killed_mid_run_never_hangs_the_federation(tmp_path: Path) -
     assert ended - killed_at < 300, (ended - started, log[-3000:])
     stopped = "waited 15 s for 2 connected nodes" in log
     finished = [r for r in rounds if r["round"] == 4]
+    print(  # for docs/deployment.md's fault table (pytest -s)
+        f"SuperNode killed after round 1: run ended {ended - killed_at:.0f} s after the kill, "
+        f"{'stopped by node_wait' if stopped else 'finished'}; rounds "
+        f"{[(r['round'], round(r['seconds']), r['clients_trained']) for r in rounds[1:]]}"
+    )
     assert stopped or finished, log[-3000:]
     if finished:  # the dead node's replies are counted as missing or dropped, not waited for
         assert all(r["clients_trained"] == 1 for r in rounds[2:]), rounds

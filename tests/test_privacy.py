@@ -403,3 +403,6 @@ def test_a_private_run_in_simulation_stops_cleanly_at_its_budget(tmp_path) -> No
         assert r["update_norm_max"] <= 0.5 * (1 + 1e-4), r["update_norms"]
         assert r["clients_trained"] == 2 and r["replies_dropped"] == 0
     assert "privacy budget exhausted" in log
+    # the last round was scored by the clients before the run ended (in-train evaluation)
+    assert isinstance(rounds[-1]["personal_acc"], float) and rounds[-1]["clients_evaluated"] == 2
+    assert "[round 2, scored by its clients as the run stops]" in log
