@@ -160,7 +160,7 @@ def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pi
     with PeakMemory(pid) as memory:
         proc = run_app(ROOT, flwr_home, connection, run_config, run.supernodes, timeout=6 * 3600)
     (sweep_dir / f".{run.name}.log").write_text(proc.stdout + proc.stderr)
-    status = run_status(flwr_home, connection)
+    status = sorted(run_status(flwr_home, connection), key=lambda r: r.get("pending-at", ""))
     if proc.returncode != 0 or not is_complete(run_dir):
         raise RuntimeError(
             f"run {run.name} failed (flwr exit {proc.returncode}, status "

@@ -26,11 +26,12 @@ PRIVACY = re.compile(r"^(?P<method>[a-z]+)-(?:clean|z(?P<z>[\d.]+))$")
 POISON = re.compile(r"^(?P<rule>mean|trimmed|median)-(?P<attack>clean|scale|random)$")
 
 
-def _runs(folder: Path) -> dict[str, dict]:
+def _runs(folder: Path, unfinished: bool = False) -> dict[str, dict]:
+    """Finished runs by folder name (and, with ``unfinished``, runs that stopped)."""
     out = {}
     for path in sorted(folder.glob("*/metrics.json")):
         record = json.loads(path.read_text())
-        if "finished" in record["run"]:
+        if "finished" in record["run"] or (unfinished and len(record["rounds"]) > 1):
             record["config"] = yaml.safe_load((path.parent / "config.yaml").read_text())
             out[path.parent.name] = record
     return out
@@ -42,8 +43,13 @@ def _pct(value: float | None) -> str:
 
 def _honest_personal(final: dict, attackers: list[int]) -> float | None:
     clients = {int(k): v for k, v in final.get("clients", {}).items() if int(k) not in attackers}
-    accs = [c["personal_acc"] for c in clients.values() if "personal_acc" in c]
-    return statistics.mean(accs) if accs else None
+    scored = [
+        (c["personal_acc"], c.get("num-examples", 1.0))
+        for c in clients.values()
+        if "personal_acc" in c
+    ]
+    total = sum(w for _, w in scored)
+    return sum(a * w for a, w in scored) / total if scored else None  # weighted by test examples
 
 
 def privacy_table(runs: dict[str, dict]) -> tuple[str, list[tuple[str, float | None, dict]]]:
@@ -93,17 +99,23 @@ def poisoning_table(runs: dict[str, dict], clean_mean: dict | None) -> str:
     order = {"clean": 0, "scale": 1, "random": 2}
     rows.sort(key=lambda r: (order[r[1]], r[0]))
     lines = [
-        "| attack | aggregation | personalized, all | personalized, honest clients "
+        "| attack | aggregation | rounds | personalized, all | personalized, honest clients "
         "| global (clients) | global (central) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for rule, attack, record in rows:
         final = record["rounds"][-1]
         attackers = record["config"].get("attack", {}).get("clients", [])
         label = {"mean": "mean (FedAvg)", "trimmed": "trimmed mean (10%)", "median": "median"}
         who = "" if attack == "clean" else f" (client {','.join(map(str, attackers))})"
+        planned = record["config"]["federation"]["num_rounds"]
+        done = (
+            f"{final['round']}"
+            if "finished" in record["run"]
+            else (f"{final['round']} of {planned}: stopped (see below)")
+        )
         lines.append(
-            f"| {attack}{who} | {label[rule]} | {_pct(final.get('personal_acc'))} "
+            f"| {attack}{who} | {label[rule]} | {done} | {_pct(final.get('personal_acc'))} "
             f"| {_pct(_honest_personal(final, attackers))} | {_pct(final.get('global_acc'))} "
             f"| {_pct(final.get('central_acc'))} |"
         )
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     poison_dir = args.out / "poisoning"
     if poison_dir.is_dir():
-        ptext = poisoning_table(_runs(poison_dir), privacy.get("fml-clean"))
+        ptext = poisoning_table(_runs(poison_dir, unfinished=True), privacy.get("fml-clean"))
         (poison_dir / "report.md").write_text(ptext)
         print(ptext)
     return 0
