@@ -406,3 +406,30 @@ def test_a_private_run_in_simulation_stops_cleanly_at_its_budget(tmp_path) -> No
     # the last round was scored by the clients before the run ended (in-train evaluation)
     assert isinstance(rounds[-1]["personal_acc"], float) and rounds[-1]["clients_evaluated"] == 2
     assert "[round 2, scored by its clients as the run stops]" in log
+
+
+def test_private_keys_are_neither_sent_nor_clipped_nor_noised() -> None:
+    """FedPer's head (private keys) stays out of what the DP wrapper clips and noises:
+    only the body is sent, compared with what was sent, and released."""
+    from strategies import FedPer
+
+    strategy = FedPer(
+        private_keys=["head"], weighting="uniform", min_available_nodes=1, min_train_nodes=1
+    )
+    wrapper = differential_privacy(
+        strategy,
+        mode="server-fixed",
+        noise_multiplier=1.0,
+        clipping_norm=1.0,
+        num_sampled_clients=2,
+    )
+    full = ArrayRecord(
+        {"body": Array(np.zeros(1000, np.float32)), "head": Array(np.full(3, 7.0, np.float32))}
+    )
+    msgs = list(wrapper.configure_train(1, full, ConfigRecord(), _Grid([1, 2])))
+    assert all(list(m.content["arrays"].keys()) == ["body"] for m in msgs)
+    body = ArrayRecord({"body": Array(np.full(1000, 0.01, np.float32))})
+    arrays, _ = wrapper.aggregate_train(1, [_reply(i, body, {"num-examples": 5}) for i in (1, 2)])
+    assert list(arrays.keys()) == ["body"]  # the head is never released
+    noise = arrays["body"].numpy().astype(np.float64) - 0.01
+    assert noise.std() == pytest.approx(1.0 * 1.0 / 2, rel=0.1)

@@ -172,8 +172,54 @@ def privacy_plot(rows: list[tuple[str, float | None, dict]], path: Path, clip: s
     plt.close(fig)
 
 
+def poisoning_plot(runs: dict[str, dict], clean_mean: dict | None, path: Path) -> None:
+    """Central accuracy of the global model per round, one line per rule and attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    styles = {"mean": "-", "trimmed": "--", "median": ":"}
+    colors = {"clean": "C0", "scale": "C3", "random": "C1"}
+    items = [(POISON.match(n), r) for n, r in runs.items()]
+    items = [(m["rule"], m["attack"], r) for m, r in items if m]
+    if clean_mean is not None:
+        items.append(("mean", "clean", clean_mean))
+    for rule, attack, record in sorted(items):
+        rounds = [r for r in record["rounds"] if r["round"] > 0]
+        xs = [r["round"] for r in rounds]
+        label = f"{rule}, {attack}"
+        axes[0].plot(
+            xs,
+            [100 * (r.get("central_acc") or 0) for r in rounds],
+            styles[rule],
+            color=colors[attack],
+            label=label,
+        )
+        pts = [(r["round"], 100 * r["personal_acc"]) for r in rounds if "personal_acc" in r]
+        axes[1].plot(
+            [x for x, _ in pts],
+            [y for _, y in pts],
+            styles[rule],
+            color=colors[attack],
+            label=label,
+        )
+    axes[0].set_title("global model, central test set")
+    axes[1].set_title("personalized models (mean over clients)")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Client 3 of 10 poisons its meme every round (embedded MNIST-5k, R = 10)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Write ``report.md`` and ``privacy.png`` in the sweeps' folders."""
+    """Write ``report.md`` and the plots (``privacy.png``, ``poisoning.png``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args(argv)
@@ -189,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     poison_dir = args.out / "poisoning"
     if poison_dir.is_dir():
-        ptext = poisoning_table(_runs(poison_dir, unfinished=True), privacy.get("fml-clean"))
+        poison_runs = _runs(poison_dir, unfinished=True)
+        ptext = poisoning_table(poison_runs, privacy.get("fml-clean"))
+        poisoning_plot(poison_runs, privacy.get("fml-clean"), poison_dir / "poisoning.png")
         (poison_dir / "report.md").write_text(ptext)
         print(ptext)
     return 0
