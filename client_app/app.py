@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client_app.mods import attack_mod, privacy_mod, run_config_of
-from client_app.state import ContextStore, persist_personal, restore_from_disk
+from client_app.state import NodeStore
 from fml_flower.config import (
     ConfigError,
     DataConfig,
@@ -29,7 +29,7 @@ from fml_flower.config import (
 )
 from fml_flower.methods import ClientRound, Method, get_method
 from fml_flower.models import build_model, resolve_device
-from fml_flower.personal import PERSONAL
+from fml_flower.personal import run_scratch_dir
 from fml_flower.settings import RoundSettings
 from fml_flower.tensors import (
     ClientData,
@@ -91,6 +91,18 @@ def state_dir_of(context: Context) -> Path | None:
     """The node-local folder for durable personal state (node config ``state-dir``)."""
     value = context.node_config.get("state-dir")
     return Path(str(value)).expanduser() if value not in (None, "") else None
+
+
+def store_folder(cfg: FMLConfig, context: Context) -> Path:
+    """Where this node keeps its personalized state: the node config's ``state-dir``, else
+    ``federation.state_dir``, else this run's scratch folder (:func:`run_scratch_dir`).
+    """
+    node_dir = state_dir_of(context)
+    if node_dir is not None:
+        return node_dir
+    if cfg.federation.state_dir:
+        return Path(cfg.federation.state_dir).expanduser()
+    return run_scratch_dir(context.run_id)
 
 
 class ClientDataCache:
@@ -169,18 +181,28 @@ def personal_identity(cfg: FMLConfig, pid: int, num_partitions: int) -> dict[str
     return {"method": cfg.train.method, "data split": split}
 
 
-def client_round(msg: Message, context: Context) -> tuple[ClientRound, Method, dict[str, float]]:
+def client_round(
+    msg: Message, context: Context
+) -> tuple[ClientRound, Method, dict[str, float], NodeStore]:
     """The method's view of this message: settings, received arrays, data, store.
 
-    With a ``state-dir`` and an empty store (a new run or a restarted SuperNode), the
-    personalized model saved on disk is restored first.
+    The store is the node's :class:`NodeStore`. When this run has not written it yet (a
+    node's first round of the run, a restarted SuperNode) and the folder holds a state
+    saved before, it is restored first (a resumed run: the version of the round the
+    server's checkpoint holds).
     """
     cfg = client_config(context)
     method = get_method(cfg.train.method)
     pid, n = partition_of(context)
-    state_dir = state_dir_of(context)
-    data, info = DATA.get(cfg, pid, n, state_dir)
-    store = ContextStore(context.state)
+    data, info = DATA.get(cfg, pid, n, state_dir_of(context))
+    folder = store_folder(cfg, context)
+    store = NodeStore(
+        context.state,
+        folder,
+        pid,
+        personal_identity(cfg, pid, n),
+        keep_previous=folder != run_scratch_dir(context.run_id),
+    )
     notes: dict[str, float] = {}
     config = msg.content["config"]
     is_train = msg.metadata.message_type == "train"
@@ -190,17 +212,10 @@ def client_round(msg: Message, context: Context) -> tuple[ClientRound, Method, d
         else RoundSettings.for_evaluation(config)  # type: ignore[arg-type]
     )
     arch = method.personal_arch(cfg, pid)
-    if state_dir is not None and arch is not None and not store.has(PERSONAL):
+    if arch is not None and not store.has_record():
         # a resumed run continues from the round the server's checkpoint holds
         newest = settings.round - 1 if is_train else settings.round
-        restored = restore_from_disk(
-            store,
-            state_dir,
-            pid,
-            arch,
-            personal_identity(cfg, pid, n),
-            at_most_round=newest if cfg.federation.resume_from else None,
-        )
+        restored = store.restore(arch, newest if cfg.federation.resume_from else None)
         notes["personal_restored_from_disk"] = float(restored)
     private_keys: list[str] = []
     if method.supports_private_patterns and cfg.model.private_patterns:  # FML's private head
@@ -216,20 +231,7 @@ def client_round(msg: Message, context: Context) -> tuple[ClientRound, Method, d
         store=store,
         private_keys=private_keys,
     )
-    return r, method, notes
-
-
-def persist(r: ClientRound, context: Context, n: int) -> None:
-    """With a ``state-dir``, the personalized model goes to disk after every round."""
-    state_dir = state_dir_of(context)
-    if state_dir is not None:
-        persist_personal(
-            ContextStore(context.state),
-            state_dir,
-            r.partition_id,
-            personal_identity(r.cfg, r.partition_id, n),
-            round_=r.settings.round,
-        )
+    return r, method, notes, store
 
 
 TRAINED = "fml-flower.trained"
@@ -264,13 +266,13 @@ def train(msg: Message, context: Context) -> Message:
     client half of ``privacy.mode`` and, in a poisoning experiment, ``attack``).
     """
     t0 = time.perf_counter()
-    r, method, notes = client_round(msg, context)
+    r, method, notes, store = client_round(msg, context)
     restored = notes.get("personal_restored_from_disk") == 1.0  # a resumed run, a restarted node
     resumed = restored and (bool(r.cfg.federation.resume_from) or r.settings.round > 1)
     scored = evaluate_before_training(msg, context, r, method, resumed)
     t1 = time.perf_counter()
     arrays, metrics = method.train(r)
-    persist(r, context, partition_of(context)[1])
+    store.flush(r.settings.round)
     if msg.content["config"].get(EVALUATE_BEFORE_TRAIN):  # type: ignore[union-attr]
         context.state[TRAINED] = ConfigRecord({"round": r.settings.round})
     notes.update(setup_seconds=t1 - t0, train_seconds=time.perf_counter() - t1)
@@ -296,7 +298,7 @@ def describe(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """The method's models on this client's own test part."""
     t0 = time.perf_counter()
-    r, method, _ = client_round(msg, context)
+    r, method, _, _ = client_round(msg, context)
     metrics: dict[str, float] = {"num-examples": len(r.test), "partition_id": r.partition_id}
     metrics.update(method.evaluate(r))
     metrics["eval_seconds"] = time.perf_counter() - t0

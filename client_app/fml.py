@@ -14,7 +14,9 @@ In your ClientApp::
 ConfigRecord with ``lr``, ``local-epochs``, ``batch-size``, ``momentum``,
 ``weight-decay``, ``alpha``, ``beta``, ``round``); ``context.state`` keeps the
 personalized model and its optimizer between rounds. Nothing else is needed: no
-architecture name, no learning rate, no config of your own.
+architecture name, no learning rate, no config of your own. With many clients, pass a
+:class:`client_app.state.NodeStore` instead of ``context.state``: the models then live in
+one node-local file per client and ``context.state`` only names it.
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import nn
 
-from client_app.state import ContextStore
-from fml_flower.personal import PERSONAL, cpu_state, load_model, save_model
+from client_app.state import ContextStore, NodeStore
+from fml_flower.personal import PERSONAL, PersonalStore, cpu_state, load_model, save_model
 from fml_flower.settings import RoundSettings
 from fml_flower.training import Batches, as_labels, mutual_step, run_epochs, sgd
 from fml_flower.training import evaluate as evaluate_model
 from strategies.robust import EVAL_PREFIX, EVALUATE_BEFORE_TRAIN
 
 
+def _store(state: RecordDict | PersonalStore) -> PersonalStore:
+    return ContextStore(state) if isinstance(state, RecordDict) else state
+
+
 def train(
     content: RecordDict,
-    state: RecordDict,
+    state: RecordDict | PersonalStore,
     *,
     meme: nn.Module,
     local: nn.Module,
@@ -50,9 +56,11 @@ def train(
     content : RecordDict
         The message's content: the global arrays (``"arrays"``) and the round's config
         (``"config"``).
-    state : RecordDict
+    state : RecordDict | PersonalStore
         The node's ``context.state``: the personalized model and its optimizer state are
-        restored from it (created on the first round) and stored back.
+        restored from it (created on the first round) and stored back. Or a
+        :class:`client_app.state.NodeStore` (the state in a node-local file, written at the
+        end of this call; ``context.state`` then holds only its name and checksum).
     meme : nn.Module
         A model of the global architecture; it receives the global weights and gets a
         fresh optimizer.
@@ -90,25 +98,32 @@ def train(
                 "the strategy evaluates in the training message (evaluate_in_train=True): "
                 "pass the client's test data as test=(x_test, y_test)"
             )
-        if ContextStore(state).has(PERSONAL):  # not before the client's first round
+        if _store(state).load(PERSONAL) is not None:  # not before the client's first round
             reply = evaluate(content, state, meme=meme, local=local, data=test)
             scored = {EVAL_PREFIX + k: v for k, v in reply["metrics"].items()}  # type: ignore[union-attr]
     meme.load_state_dict(content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     device = next(meme.parameters()).device
     local.to(device)
-    store = ContextStore(state)
+    store = _store(state)
     opt_meme = sgd(meme, s.lr, s.momentum, s.weight_decay)  # fresh momentum every round
     opt_local = sgd(local, s.lr, s.momentum, s.weight_decay)
     load_model(store, PERSONAL, local, opt_local)  # keeps this round's lr
     step = mutual_step(local, meme, opt_local, opt_meme, s.alpha, s.beta, update)  # type: ignore[arg-type]
     stats = run_epochs(step, data, s.batch_size, s.local_epochs, generator, last_batch)
     save_model(store, PERSONAL, local, opt_local)
+    if isinstance(store, NodeStore):
+        store.flush(s.round)
     metrics = {**stats.means(), "num-examples": stats.examples // s.local_epochs, **scored}
     return RecordDict({"arrays": ArrayRecord(cpu_state(meme)), "metrics": MetricRecord(metrics)})
 
 
 def evaluate(
-    content: RecordDict, state: RecordDict, *, meme: nn.Module, local: nn.Module, data: Batches
+    content: RecordDict,
+    state: RecordDict | PersonalStore,
+    *,
+    meme: nn.Module,
+    local: nn.Module,
+    data: Batches,
 ) -> RecordDict:
     """The reply to an evaluation message: the global model and (once this client has
     trained) its personalized model on ``data``, as ``global_acc``/``global_loss``,
@@ -120,7 +135,7 @@ def evaluate(
     metrics: dict[str, float | int] = {"num-examples": len(y)}
     g = evaluate_model(meme, x.to(device), y.to(device))
     metrics.update(global_acc=g.accuracy, global_loss=g.loss)
-    if load_model(ContextStore(state), PERSONAL, local.to(device)):
+    if load_model(_store(state), PERSONAL, local.to(device)):
         p = evaluate_model(local, x.to(device), y.to(device))
         metrics.update(personal_acc=p.accuracy, personal_loss=p.loss)
     return RecordDict({"metrics": MetricRecord(metrics)})

@@ -1,18 +1,27 @@
-"""A client's slots (:mod:`fml_flower.personal`) in Flower's ``context.state`` and on disk.
+"""A client's slots (:mod:`fml_flower.personal`): node-local files, identified in
+``context.state``.
 
-``context.state`` persists per node across the rounds of a run (and travels with every
-message in simulation), so it holds only what must persist: each slot's state dict (an
-ArrayRecord) and a ConfigRecord with its optimizer state (``torch.save`` bytes), its
-architecture signature and name, and how many rounds it has been trained.
+:class:`NodeStore` is what the app's ClientApp uses, in simulation as in deployment: a
+client's slots (its personalized model with its optimizer state, FML's private meme part)
+live in one node-local checkpoint file, written atomically and checksummed after every
+round it trains, and ``context.state`` holds only what identifies that file (its path, its
+SHA-256, the round). Flower keeps ``context.state`` in memory for every node and, in
+simulation, ships it with every message: with the models out of it, neither the server's
+memory nor a message grows with the number of clients that have trained.
 
-With a node-local ``state-dir`` (node config), the personalized model is also written to
-disk after every round (atomically, checksummed) and read back when ``context.state`` is
-empty (a new run, a restarted SuperNode), so a client never loses it.
+The folder is the node config's ``state-dir`` (durable: a new run or a restarted SuperNode
+continues from it), else ``federation.state_dir`` (the same, for every node of a
+simulation), else a folder for this run under the system's temporary directory (the
+ServerApp removes it when the run ends: :func:`~fml_flower.personal.run_scratch_dir`).
+
+:class:`ContextStore` keeps the slots in ``context.state`` itself: the plug-in functions of
+:mod:`client_app.fml` take either.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -26,7 +35,10 @@ def _keys(slot: str) -> tuple[str, str]:
 
 
 class ContextStore:
-    """A :class:`~fml_flower.personal.PersonalStore` over a node's ``context.state``."""
+    """A :class:`~fml_flower.personal.PersonalStore` in a node's ``context.state``
+    (Flower keeps it in memory, and ships it with every message in simulation; for many
+    clients use :class:`NodeStore`).
+    """
 
     def __init__(self, state: RecordDict) -> None:
         self.state = state
@@ -76,104 +88,197 @@ def previous_file(state_dir: Path, partition_id: int) -> Path:
     return state_dir / f"personal-p{partition_id}.prev.ckpt"
 
 
-def persist_personal(
-    store: ContextStore,
-    state_dir: Path,
-    partition_id: int,
-    identity: dict[str, str],
-    round_: int | None = None,
-) -> Path | None:
-    """Write the personalized model held in ``store`` to ``state_dir`` atomically.
+RECORD = "fml.node-store"
+"""``context.state`` key of the ConfigRecord that identifies a node's state file."""
 
-    ``identity`` (e.g. the method and the data split) is stored with it and must match
-    when the model is restored; ``round_`` is the (absolute) round it was trained in. The
-    file it replaces is kept as :func:`previous_file` (one round back: what a run resumed
-    from the server's last checkpoint needs when the SuperLink died after this client had
-    already finished the next round). Returns None if there is no personalized model.
-    """
-    saved = store.load(PERSONAL)
-    if saved is None:
-        return None
-    payload = {
-        "identity": dict(identity),
+
+def _slot_entry(saved: SavedModel) -> dict[str, object]:
+    return {
         "model": saved.state,
-        "optimizer": saved.optimizer,
+        # torch.load(weights_only=True) refuses an empty bytes object, not None
+        "optimizer": saved.optimizer or None,
         "arch": saved.arch,
         "rounds_trained": saved.rounds_trained,
-        "partition_id": partition_id,
-        "round": round_,
     }
-    path = personal_file(state_dir, partition_id)
-    if path.exists():
-        os.replace(path, previous_file(state_dir, partition_id))  # atomic; then the new one
-    save_checkpoint(path, payload)
-    return path
 
 
-def restore_from_disk(
-    store: ContextStore,
-    state_dir: Path,
-    partition_id: int,
-    arch: str,
-    identity: dict[str, str],
-    at_most_round: int | None = None,
-) -> bool:
-    """Put the personalized model saved in ``state_dir`` into an empty ``store``.
-
-    ``at_most_round`` (a resumed run: the last round the server's checkpoint holds, for
-    a training message) picks the newest saved version trained in that round or before,
-    so that a client that had finished one more round than the server recorded continues
-    from exactly where the server does. ``None``: the newest version.
-
-    Returns False when there is no file (a client's first round ever). A corrupt file,
-    or one saved for another partition, architecture or run identity (method, data split),
-    or no version old enough, raises :class:`CheckpointError` instead of letting the client
-    start afresh or mix runs.
-    """
-    path = personal_file(state_dir, partition_id)
-    if not path.exists():
-        prev = previous_file(state_dir, partition_id)
-        if not prev.exists():
-            return False
-        path = prev  # a crash between keeping the old version and writing the new one
-    payload = load_checkpoint(path)
-    if at_most_round is not None and (payload.get("round") or 0) > at_most_round:
-        prev = previous_file(state_dir, partition_id)
-        older = load_checkpoint(prev) if prev.exists() and prev != path else None
-        if older is None or (older.get("round") or 0) > at_most_round:
-            also = "" if older is None else f" (and {prev.name} of round {older.get('round')})"
-            raise CheckpointError(
-                f"{path}: holds the personalized model of round {payload.get('round')}{also}, "
-                f"but this run resumes after round {at_most_round}: no saved version is "
-                "old enough (resume from a later checkpoint, or use another state-dir)"
-            )
-        path, payload = prev, older
-    if payload.get("partition_id") != partition_id:
-        raise CheckpointError(
-            f"{path}: saved for partition {payload.get('partition_id')}, this node is "
-            f"partition {partition_id}"
-        )
-    if payload.get("arch") != arch:
-        raise CheckpointError(
-            f"{path}: holds a '{payload.get('arch')}' personalized model, this client is "
-            f"configured for '{arch}'; refusing to replace it"
-        )
-    saved = payload.get("identity", {})
-    for key, value in identity.items():
-        if saved.get(key) != value:
-            raise CheckpointError(
-                f"{path}: saved by a run with {key} '{saved.get(key)}', this run has "
-                f"'{value}'; refusing to mix them (give this run another state-dir to start "
-                "fresh personalized models)"
-            )
-    store.save(
-        PERSONAL,
-        SavedModel(
-            state=payload["model"],
-            optimizer=payload["optimizer"],
-            signature=architecture_signature(payload["model"]),
-            arch=arch,
-            rounds_trained=int(payload["rounds_trained"]),
-        ),
+def _slot_of(entry: dict) -> SavedModel:
+    return SavedModel(
+        state=entry["model"],
+        optimizer=entry["optimizer"] or b"",
+        signature=architecture_signature(entry["model"]),
+        arch=str(entry.get("arch", "")),
+        rounds_trained=int(entry.get("rounds_trained", 0)),
     )
-    return True
+
+
+class NodeStore:
+    """A :class:`~fml_flower.personal.PersonalStore` in a node-local file, identified in
+    ``context.state`` (see the module's docstring).
+
+    The file (:func:`personal_file`) holds every slot, the run identity it was trained
+    under (method, data split), the partition and the round. It is read at most once per
+    message and written by :meth:`flush` after training; the version it replaces is kept
+    as :func:`previous_file` (what a run resumed from the server's last checkpoint needs
+    when the SuperLink died after this client had finished one more round).
+
+    Parameters
+    ----------
+    state : RecordDict
+        The node's ``context.state``: gets one small ConfigRecord (:data:`RECORD`) with the
+        file's path, SHA-256 and round.
+    folder : Path
+        The node-local folder.
+    partition_id : int
+        This client's partition (its identity for the file name and the checks).
+    identity : dict[str, str]
+        What a saved state must share with this run to be continued (method, data split).
+    keep_previous : bool (default: True)
+        Keep the version one round back (:func:`previous_file`); a run's scratch folder,
+        which no later run reads, does without it (half the disk).
+    """
+
+    def __init__(
+        self,
+        state: RecordDict,
+        folder: Path,
+        partition_id: int,
+        identity: dict[str, str],
+        keep_previous: bool = True,
+    ) -> None:
+        self.state = state
+        self.folder = folder
+        self.partition_id = partition_id
+        self.identity = dict(identity)
+        self.keep_previous = keep_previous
+        self._slots: dict[str, SavedModel] | None = None
+        self._dirty = False
+
+    @property
+    def path(self) -> Path:
+        """The file holding this client's slots."""
+        return personal_file(self.folder, self.partition_id)
+
+    def has_record(self) -> bool:
+        """Whether this node has written its state in this run (``context.state`` says so)."""
+        return RECORD in self.state
+
+    def _all(self) -> dict[str, SavedModel]:
+        if self._slots is None:
+            self._slots = _recorded(self.state)
+        return self._slots
+
+    def has(self, slot: str = PERSONAL) -> bool:
+        """Whether ``slot`` holds a model."""
+        return slot in self._all()
+
+    def load(self, slot: str) -> SavedModel | None:
+        """The saved model of ``slot``, or None."""
+        return self._all().get(slot)
+
+    def save(self, slot: str, saved: SavedModel) -> None:
+        """Keep ``saved`` in ``slot`` (on disk at the next :meth:`flush`)."""
+        self._all()[slot] = saved
+        self._dirty = True
+
+    def flush(self, round_: int | None) -> Path | None:
+        """Write the slots to :attr:`path` atomically if any changed (``round_``: the
+        absolute round they were trained in) and record the file in ``context.state``.
+        Returns the file, or None when there was nothing to write.
+        """
+        if not self._dirty:
+            return None
+        slots = self._all()
+        personal = slots.get(PERSONAL)
+        payload = {
+            "identity": self.identity,
+            "partition_id": self.partition_id,
+            "round": round_,
+            # the personalized model at the top level, as the format had it before
+            **(_slot_entry(personal) if personal is not None else {}),
+            "slots": {name: _slot_entry(saved) for name, saved in slots.items()},
+        }
+        path = self.path
+        if path.exists() and self.keep_previous:
+            os.replace(path, previous_file(self.folder, self.partition_id))  # keep one back
+        digest = save_checkpoint(path, payload)
+        self.state[RECORD] = ConfigRecord(
+            {"file": str(path), "sha256": digest, "round": round_ or 0}
+        )
+        self._dirty = False
+        return path
+
+    def restore(self, arch: str | None, at_most_round: int | None = None) -> bool:
+        """Continue from the file a previous run (or this node before a restart) left in
+        the folder, when this run has not written one yet.
+
+        ``arch``: the architecture of this client's personalized model (None: it keeps
+        none). ``at_most_round`` (a resumed run: the last round the server's checkpoint
+        holds) picks the newest saved version trained in that round or before.
+
+        Returns False when there is nothing to restore (a client's first round ever). A
+        corrupt file, or one saved for another partition, architecture or run identity,
+        or no version old enough, raises :class:`CheckpointError` instead of letting the
+        client start afresh or mix runs.
+        """
+        if self.has_record():
+            return False
+        path = self.path
+        if not path.exists():
+            prev = previous_file(self.folder, self.partition_id)
+            if not prev.exists():
+                return False
+            path = prev  # a crash between keeping the old version and writing the new one
+        payload = load_checkpoint(path)
+        if at_most_round is not None and (payload.get("round") or 0) > at_most_round:
+            prev = previous_file(self.folder, self.partition_id)
+            older = load_checkpoint(prev) if prev.exists() and prev != path else None
+            if older is None or (older.get("round") or 0) > at_most_round:
+                also = "" if older is None else f" (and {prev.name} of round {older.get('round')})"
+                raise CheckpointError(
+                    f"{path}: holds the personalized model of round {payload.get('round')}"
+                    f"{also}, but this run resumes after round {at_most_round}: no saved "
+                    "version is old enough (resume from a later checkpoint, or use another "
+                    "state-dir)"
+                )
+            path, payload = prev, older
+        if payload.get("partition_id") != self.partition_id:
+            raise CheckpointError(
+                f"{path}: saved for partition {payload.get('partition_id')}, this node is "
+                f"partition {self.partition_id}"
+            )
+        if arch is not None and payload.get("arch") != arch:
+            raise CheckpointError(
+                f"{path}: holds a '{payload.get('arch')}' personalized model, this client is "
+                f"configured for '{arch}'; refusing to replace it"
+            )
+        saved = payload.get("identity", {})
+        for key, value in self.identity.items():
+            if saved.get(key) != value:
+                raise CheckpointError(
+                    f"{path}: saved by a run with {key} '{saved.get(key)}', this run has "
+                    f"'{value}'; refusing to mix them (give this run another state-dir to "
+                    "start fresh personalized models)"
+                )
+        entries = payload.get("slots") or {PERSONAL: payload}  # files of the older format
+        self._slots = {name: _slot_of(entry) for name, entry in entries.items()}
+        if PERSONAL in self._slots and arch is not None:
+            self._slots[PERSONAL] = replace(self._slots[PERSONAL], arch=arch)
+        self._dirty = True  # written to this run's record at the next flush
+        return bool(self._slots)
+
+
+def _recorded(state: RecordDict) -> dict[str, SavedModel]:
+    """The slots in the file that ``state``'s record names (checksum verified), or none."""
+    if RECORD not in state:
+        return {}
+    record = state[RECORD]
+    payload = load_checkpoint(Path(str(record["file"])), expect_sha256=str(record["sha256"]))
+    return {name: _slot_of(entry) for name, entry in payload.get("slots", {}).items()}
+
+
+def node_slot(state: RecordDict, slot: str = PERSONAL) -> SavedModel | None:
+    """What the :class:`NodeStore` of the node whose ``context.state`` is ``state`` holds in
+    ``slot`` this run (read from the file its record names); None before it wrote one.
+    """
+    return _recorded(state).get(slot)

@@ -28,8 +28,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be trusted (corrupt, truncated, other format)."""
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` (tensors, numbers, strings, dicts) to ``path`` atomically."""
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> str:
+    """Write ``payload`` (tensors, numbers, strings, dicts) to ``path`` atomically; return
+    the SHA-256 of the payload (what :func:`load_checkpoint` can be asked to expect).
+    """
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
@@ -50,10 +52,16 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return header["sha256"]
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read and verify a checkpoint written by :func:`save_checkpoint`."""
+def load_checkpoint(path: Path, expect_sha256: str | None = None) -> dict[str, Any]:
+    """Read and verify a checkpoint written by :func:`save_checkpoint`.
+
+    ``expect_sha256``: the digest :func:`save_checkpoint` returned when this reader wrote
+    the file; a file with another payload (replaced by someone else, or an older version)
+    is refused.
+    """
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -72,4 +80,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         )
     if len(data) != header.get("bytes") or hashlib.sha256(data).hexdigest() != header.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt or truncated")
+    if expect_sha256 is not None and header["sha256"] != expect_sha256:
+        raise CheckpointError(
+            f"{path}: is not the version this node wrote last (SHA-256 {header['sha256'][:12]}"
+            f"... instead of {expect_sha256[:12]}...): another process replaced it; refusing "
+            "to train on state that is not this client's own"
+        )
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

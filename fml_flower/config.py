@@ -211,6 +211,13 @@ class FederationConfig:
     the previous global model (and says so in the results)."""
     resume_from: str = ""
     """A previous run folder: continue from its last checkpointed round."""
+    state_dir: str = ""
+    """Where clients keep their personalized state (one checkpoint file per client,
+    ``personal-p<partition-id>.ckpt``) when a node's config names no ``state-dir``: in
+    simulation, every node. Durable: a later run with the same method and split, or a
+    run resumed with ``resume_from``, continues the personalized models found there.
+    Empty: a folder for this run under the system's temporary directory, removed when the
+    run ends."""
     join_round: dict[int, int] = field(default_factory=dict)
     """Partition id -> the round in which that client joins the federation (new
     participants). Before it, the client is neither trained nor evaluated; from it on, it

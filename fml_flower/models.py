@@ -80,16 +80,21 @@ class LeNet5(nn.Module):
 
 
 class CNN(nn.Module):
-    """The CNN of McMahan et al. 2017: conv5x5 32, pool, conv5x5 64, pool, fc 512."""
+    """The CNN of McMahan et al. 2017: conv5x5 32, pool, conv5x5 64, pool, fc 512.
 
-    def __init__(self, input_shape: InputShape, num_classes: int):
+    ``padding=2`` (``cnn``, the "same" convolutions of TensorFlow Federated's version: 1.66 M
+    parameters on MNIST) or ``padding=0`` (``cnn-unpadded``, the layout of many PyTorch FL
+    libraries: 0.58 M parameters, about a third of the multiply-adds).
+    """
+
+    def __init__(self, input_shape: InputShape, num_classes: int, padding: int = 2):
         super().__init__()
         c = input_shape[0]
         self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 5, padding=2),
+            nn.Conv2d(c, 32, 5, padding=padding),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2),
+            nn.Conv2d(32, 64, 5, padding=padding),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
@@ -141,6 +146,7 @@ BUILTIN_MODELS: dict[str, ModelFactory] = {
     "lenet5": LeNet5,
     "cnn": CNN,
     "resnet18": resnet18_cifar,
+    "cnn-unpadded": lambda input_shape, num_classes: CNN(input_shape, num_classes, padding=0),
 }
 
 

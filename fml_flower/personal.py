@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -26,6 +28,17 @@ PERSONAL = "personal"
 """Slot of the personalized model (and its optimizer)."""
 MEME_PRIVATE = "meme-private"
 """Slot of the meme's private part (FML with private meme keys)."""
+
+
+SCRATCH = "fml-flower-state"
+"""Folder under the system's temporary directory for runs that configure no state folder."""
+
+
+def run_scratch_dir(run_id: int) -> Path:
+    """The folder of run ``run_id``'s client state when no state folder is configured
+    (the ServerApp removes it when the run ends).
+    """
+    return Path(tempfile.gettempdir()) / SCRATCH / f"run-{run_id}"
 
 
 class ArchitectureMismatch(RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,7 @@ from fml_flower.config import (
 from fml_flower.data import check_client_datasets, federated_data
 from fml_flower.methods import get_method
 from fml_flower.models import build_model, cpu_state_dict, resolve_device
+from fml_flower.personal import run_scratch_dir
 from fml_flower.results import RunRecorder, plot_run, summary_table
 from server_app.grid import PollingGrid
 from server_app.participants import PartitionJoins
@@ -222,5 +224,13 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point of the ServerApp."""
-    run_fml(grid, config_from_run_config(context.run_config))
+    """Entry point of the ServerApp. When the run ends, its clients' scratch state (nodes
+    that keep their personalized state neither in a ``state-dir`` nor in
+    ``federation.state_dir``) is removed from this machine: in simulation, every node's.
+    """
+    try:
+        run_fml(grid, config_from_run_config(context.run_config))
+    finally:
+        scratch = run_scratch_dir(context.run_id)
+        if scratch.exists():
+            shutil.rmtree(scratch)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,14 @@ def task_identity() -> None:
     TaskIdentity.node_id = 0
 
 
+@pytest.fixture(autouse=True)
+def private_tempdir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Each test its own system temporary directory: a client without a configured state
+    folder keeps its state in a run's scratch folder there, and tests reuse run ids.
+    """
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("systemp")))
+
+
 def shared_dataset(name: str) -> Path:
     """The folder of a dataset in ../shared/data, or skip the test if it is absent."""
     folder = SHARED_DATA / name
@@ -38,3 +48,13 @@ def shared_dataset(name: str) -> Path:
             "clone; set FML_SHARED_DATA to its location)"
         )
     return folder
+
+
+_RUN_IDS = itertools.count(1000)
+
+
+def new_run_id() -> int:
+    """A run id no other context of this test session has: each run has its own scratch
+    state folder, as every Flower run has its own id.
+    """
+    return next(_RUN_IDS)

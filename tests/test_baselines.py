@@ -7,12 +7,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client_app.app import evaluate, train
-from client_app.state import ContextStore
+from client_app.state import node_slot
 from fml_flower.models import build_model, head_keys
 from fml_flower.personal import PERSONAL
 from fml_flower.settings import RoundSettings
 from fml_flower.training import sgd, supervised_epoch
 from strategies.baselines import FedPer, FedProx, LocalOnly
+from tests.conftest import new_run_id
 from tests.test_strategy import _Grid, _reply
 
 
@@ -25,7 +26,7 @@ def _context(method: str, **extra: object) -> Context:
         **extra,
     }
     return Context(
-        run_id=1,
+        run_id=new_run_id(),
         node_id=11,
         node_config={"partition-id": 1, "num-partitions": 10},
         state=RecordDict(),
@@ -53,7 +54,7 @@ def _mlp(seed: int = 0) -> torch.nn.Module:
 
 def _personal(context: Context) -> dict[str, torch.Tensor]:
     """The personal model the client keeps in its ``context.state``."""
-    saved = ContextStore(context.state).load(PERSONAL)
+    saved = node_slot(context.state, PERSONAL)
     assert saved is not None, "the client kept no personal model"
     return saved.state
 
@@ -158,7 +159,7 @@ def test_fedavg_clients_report_the_global_model_as_theirs(method: str) -> None:
     arrays = ArrayRecord(_mlp().state_dict())
     reply = train(_message(MessageType.TRAIN, arrays, **{"proximal-mu": 0.01}), context)
     assert set(reply.content["arrays"].keys()) == set(_mlp().state_dict())
-    assert ContextStore(context.state).load(PERSONAL) is None  # no personal model
+    assert node_slot(context.state, PERSONAL) is None  # no personal model
     assert len(context.state) == 0  # no personal state at all
     metrics = next(
         iter(

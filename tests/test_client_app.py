@@ -10,11 +10,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 import fml_flower.methods.fml as fml_method
 from client_app.app import evaluate, train
-from client_app.state import ContextStore
+from client_app.state import node_slot
 from fml_flower.config import ConfigError
 from fml_flower.models import build_model
 from fml_flower.personal import PERSONAL, ArchitectureMismatch, SavedModel, cpu_state
 from fml_flower.settings import RoundSettings
+from tests.conftest import new_run_id
 
 RUN_CONFIG = {
     "experiment": "base",
@@ -26,7 +27,7 @@ RUN_CONFIG = {
 
 def _context(run_config: dict | None = None) -> Context:
     return Context(
-        run_id=1,
+        run_id=new_run_id(),
         node_id=11,
         node_config={"partition-id": 2, "num-partitions": 10},
         state=RecordDict(),
@@ -61,7 +62,7 @@ def _message(kind: str, server_round: int = 1, lr: float = 0.05, seed: int = 0) 
 
 
 def _saved(context: Context) -> SavedModel:
-    saved = ContextStore(context.state).load(PERSONAL)
+    saved = node_slot(context.state, PERSONAL)
     assert saved is not None, "no personalized model in context.state"
     return saved
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 import fml_flower.methods.fml as fml_method
 from client_app.app import train
-from client_app.state import ContextStore, personal_file
+from client_app.state import node_slot, personal_file
 from fml_flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fml_flower.models import build_model
 from fml_flower.personal import PERSONAL, cpu_state
@@ -60,7 +61,7 @@ def _metrics(reply: Message) -> dict:
 
 
 def _personal(context: Context) -> dict[str, torch.Tensor]:
-    saved = ContextStore(context.state).load(PERSONAL)
+    saved = node_slot(context.state, PERSONAL)
     assert saved is not None, "no personalized model in context.state"
     return saved.state
 
@@ -88,20 +89,77 @@ def test_personal_model_is_written_each_round_and_restored_exactly(
     in_memory = _personal(first)
     assert _equal(saved["model"], in_memory)
     assert len(saved["optimizer"]) > 0  # the momentum buffers are saved with it
-    # A restarted SuperNode: empty context.state, same state dir
-    restarted = _context(tmp_path)
+    # A restarted SuperNode: empty context.state, (a copy of) the same state dir
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path, copy, ignore=shutil.ignore_patterns("copy"))
+    restarted = _context(copy)
     reply = train(_train_message(2), restarted)
     metrics = _metrics(reply)
     assert metrics["personal_restored_from_disk"] == 1.0
     assert len(starts) == 2 and _equal(starts[1], saved["model"])  # started from the file
-    assert load_checkpoint(personal_file(tmp_path, 2))["rounds_trained"] == 2
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
-    # The node that never restarted trains round 2 from its context.state: the restarted
-    # one (model and optimizer state from disk) must end exactly where it ends.
+    assert load_checkpoint(personal_file(copy, 2))["rounds_trained"] == 2
+    assert not [p for p in copy.iterdir() if p.name.startswith(".")]  # no temp files left
+    # The node that never restarted trains round 2 from the file its context.state names:
+    # the restarted one (model and optimizer state from disk) must end exactly where it ends.
     train(_train_message(2), first)
     assert _equal(starts[2], in_memory)
     assert _equal(_personal(restarted), _personal(first))
     assert not _equal(_personal(restarted), in_memory)  # and round 2 did train it
+
+
+def test_context_state_holds_only_what_identifies_the_state_file(tmp_path: Path) -> None:
+    """The personalized model is off the message path: ``context.state`` (which Flower keeps
+    in memory for every node and ships with every simulated message) names the file and
+    its checksum, and holds no array."""
+    node = _context(tmp_path)
+    for r in (1, 2):
+        train(_train_message(r), node)
+    assert not node.state.array_records  # no model, no optimizer state
+    (name,) = node.state.config_records
+    record = node.state.config_records[name]
+    assert record["file"] == str(personal_file(tmp_path, 2)) and record["round"] == 2
+    assert sum(len(str(v)) for v in record.values()) < 300  # bytes, not megabytes
+    assert node_slot(node.state, PERSONAL) is not None
+
+
+def test_a_state_file_replaced_under_a_running_node_is_refused(tmp_path: Path) -> None:
+    """Two nodes of one partition sharing a state-dir (a misconfiguration) must not train
+    on each other's models: the second one to write makes the first one's record stale."""
+    first, second = _context(tmp_path), _context(tmp_path)
+    train(_train_message(1), first)
+    train(_train_message(2), second)  # restores the first's file, then writes its own
+    with pytest.raises(CheckpointError, match="is not the version this node wrote last"):
+        train(_train_message(2), first)
+
+
+def test_without_a_configured_folder_the_state_goes_to_the_runs_scratch_folder(
+    tmp_path: Path,
+) -> None:
+    import tempfile
+
+    from fml_flower.personal import run_scratch_dir
+
+    node = Context(
+        run_id=77,
+        node_id=11,
+        state=RecordDict(),
+        node_config={"partition-id": 2, "num-partitions": 10},
+        run_config=RUN_CONFIG,
+    )
+    train(_train_message(1), node)
+    scratch = run_scratch_dir(77)
+    assert scratch.parent.parent == Path(tempfile.gettempdir())
+    assert personal_file(scratch, 2).exists() and not node.state.array_records
+    elsewhere = tmp_path / "shared-state"  # federation.state_dir: every node of a simulation
+    node = Context(
+        run_id=78,
+        node_id=11,
+        state=RecordDict(),
+        node_config={"partition-id": 2, "num-partitions": 10},
+        run_config={**RUN_CONFIG, "federation.state_dir": str(elsewhere)},
+    )
+    train(_train_message(1), node)
+    assert personal_file(elsewhere, 2).exists() and not run_scratch_dir(78).exists()
 
 
 def test_corrupt_file_is_refused_not_replaced(tmp_path: Path) -> None:

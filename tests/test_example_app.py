@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client_app.state import ContextStore
 from fml_flower.personal import PERSONAL
+from tests.conftest import new_run_id
 from tools.launch import run_app, run_status, simulation_superlink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ DATA_KEYS = ("dirichlet-alpha", "seed")
 
 def _context() -> Context:
     return Context(
-        run_id=1,
+        run_id=new_run_id(),
         node_id=7,
         node_config={"partition-id": 1, "num-partitions": 3},
         state=RecordDict(),

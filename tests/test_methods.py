@@ -8,6 +8,7 @@ larger than the train part, in the order the client's generator draws).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +18,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from client_app import fml as public_fml
 from client_app.app import ClientDataCache, client_config
 from client_app.app import train as app_train
-from client_app.state import ContextStore
+from client_app.state import ContextStore, NodeStore, node_slot
 from fml_flower.methods import METHODS
 from fml_flower.methods.base import seed_for
 from fml_flower.models import build_model, head_keys
 from fml_flower.personal import PERSONAL
 from fml_flower.settings import RoundSettings
 from fml_flower.training import EpochStats, mutual_step
+from tests.conftest import new_run_id
 
 PID, N = 2, 10
 BIG_BATCH = 4096  # larger than any train part here: one batch per epoch
@@ -38,7 +40,9 @@ def _context(method: str) -> Context:
         "model.meme": "mlp",
         "model.local": "mlp",
     }
-    return Context(1, 7, {"partition-id": PID, "num-partitions": N}, RecordDict(), run_config)
+    return Context(
+        new_run_id(), 7, {"partition-id": PID, "num-partitions": N}, RecordDict(), run_config
+    )
 
 
 def _train_message(arrays: dict[str, torch.Tensor], server_round: int, **fml: float) -> Message:
@@ -124,7 +128,7 @@ def test_fml_meme_optimizer_is_fresh_and_personal_momentum_carries_over() -> Non
     for r, g in ((1, g1), (2, g2)):
         reply = app_train(_train_message(g, r, alpha=0.5, beta=0.5), context)
         replies.append(reply.content["arrays"].to_torch_state_dict())
-    saved = ContextStore(context.state).load(PERSONAL)
+    saved = node_slot(context.state, PERSONAL)
     assert saved is not None
 
     cfg, b1 = _client_batches(context, 1)
@@ -140,12 +144,15 @@ def test_fml_meme_optimizer_is_fresh_and_personal_momentum_carries_over() -> Non
     assert not _close(replies[1], carried_memes[1])
 
 
-def test_public_fml_round_has_the_same_optimizers() -> None:
-    """The public client function (for other Flower apps) behaves the same."""
+@pytest.mark.parametrize("where", ["context.state", "NodeStore"])
+def test_public_fml_round_has_the_same_optimizers(where: str, tmp_path: Path) -> None:
+    """The public client function (for other Flower apps) behaves the same, with the state
+    in ``context.state`` or in a node-local file (:class:`NodeStore`)."""
     torch.manual_seed(0)
     x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
     local0, g1, g2 = _mlp(11), _state(_mlp(0)), _state(_mlp(5))
-    state = RecordDict()
+    context_state = RecordDict()
+    state = context_state if where == "context.state" else NodeStore(context_state, tmp_path, 0, {})
     replies, batches = [], []
     for r, g in ((1, g1), (2, g2)):
         gen = torch.Generator().manual_seed(100 + r)
@@ -157,7 +164,11 @@ def test_public_fml_round_has_the_same_optimizers() -> None:
             content, state, meme=_mlp(0), local=local, data=(x, y), generator=gen
         )
         replies.append(reply["arrays"].to_torch_state_dict())
-    saved = ContextStore(state).load(PERSONAL)
+    if where == "NodeStore":
+        assert not context_state.array_records  # only the file's name and checksum
+        saved = node_slot(context_state, PERSONAL)
+    else:
+        saved = ContextStore(context_state).load(PERSONAL)
     assert saved is not None
     personal, memes = _fml_reference(local0, [g1, g2], batches)
     assert _close(saved.state, personal)
@@ -203,7 +214,7 @@ def test_fedrep_trains_the_head_then_the_body_and_sends_only_the_body() -> None:
 
     reply = app_train(_train_message(received, 1), context)
     sent = reply.content["arrays"].to_torch_state_dict()
-    saved = ContextStore(context.state).load(PERSONAL)
+    saved = node_slot(context.state, PERSONAL)
     assert saved is not None
 
     expected = _fedrep_reference(copy.deepcopy(start), batches, head_first=True)
@@ -220,7 +231,7 @@ def test_fedrep_trains_the_head_then_the_body_and_sends_only_the_body() -> None:
 def _train_fedper(received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     context = _context("fedper")
     app_train(_train_message(received, 1), context)
-    saved = ContextStore(context.state).load(PERSONAL)
+    saved = node_slot(context.state, PERSONAL)
     assert saved is not None
     return saved.state
 

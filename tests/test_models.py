@@ -8,7 +8,7 @@ import torch
 from fml_flower.models import available_models, build_model
 
 
-@pytest.mark.parametrize("name", ["mlp", "lenet5", "cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "cnn", "resnet18", "cnn-unpadded"])
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 def test_builtin_models_take_both_shapes(name: str, shape: tuple[int, int, int]) -> None:
     model = build_model(name, shape, 7)
@@ -19,6 +19,16 @@ def test_cnn_is_mcmahan_geometry() -> None:
     model = build_model("cnn", (1, 28, 28), 10)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(7 * 7 * 64, 512), (512, 10)]
+
+
+def test_the_two_layouts_of_the_mcmahan_cnn() -> None:
+    """``cnn`` pads its convolutions (1.66 M parameters on MNIST), ``cnn-unpadded`` does not
+    (0.58 M): a comparison with another library has to name the layout."""
+    padded, unpadded = (build_model(n, (1, 28, 28), 10) for n in ("cnn", "cnn-unpadded"))
+    assert sum(p.numel() for p in padded.parameters()) == 1_663_370
+    assert sum(p.numel() for p in unpadded.parameters()) == 582_026
+    linears = [m for m in unpadded.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears[0].in_features == 4 * 4 * 64
 
 
 def test_torchvision_model_by_name_on_grayscale() -> None:
@@ -35,7 +45,7 @@ def test_seed_makes_initial_weights_reproducible() -> None:
 def test_unknown_model_names_the_choices() -> None:
     with pytest.raises(ValueError, match=r"unknown model 'nope'.*mlp"):
         build_model("nope", (1, 28, 28), 10)
-    assert available_models()[:4] == ["mlp", "lenet5", "cnn", "resnet18"]
+    assert available_models()[:5] == ["mlp", "lenet5", "cnn", "resnet18", "cnn-unpadded"]
 
 
 def test_model_that_cannot_take_the_input_fails_clearly() -> None:

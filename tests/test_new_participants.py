@@ -9,6 +9,7 @@ from client_app.app import describe
 from fml_flower.config import ConfigError, load_config
 from server_app.participants import PartitionJoins
 from strategies import FedMutualLearning
+from tests.conftest import new_run_id
 from tests.test_strategy import _bn_model, _Grid
 
 ARRAYS = ArrayRecord(_bn_model(0).state_dict())
@@ -34,7 +35,7 @@ class _QueryGrid(_Grid):
                 replies.append(Message(Error(code=0, reason="no query handler"), reply_to=msg))
                 continue
             context = Context(
-                run_id=1,
+                run_id=new_run_id(),
                 node_id=node,
                 node_config={"partition-id": self.partitions[node], "num-partitions": 9},
                 state=RecordDict(),

@@ -21,6 +21,7 @@ from fml_flower.config import ConfigError, load_config, run_config_defaults
 from fml_flower.settings import RoundSettings
 from strategies import FedMutualLearning
 from strategies.privacy import differential_privacy
+from tests.conftest import new_run_id
 from tests.test_strategy import _Grid, _reply
 
 
@@ -32,7 +33,7 @@ def _run_config(**overrides: object) -> dict:
 
 def _context(**overrides: object) -> Context:
     return Context(
-        run_id=1,
+        run_id=new_run_id(),
         node_id=7,
         node_config={"partition-id": 0, "num-partitions": 2},
         state=RecordDict(),
@@ -179,6 +180,9 @@ def test_server_side_noise_has_the_configured_std() -> None:
 def test_adaptive_noise_uses_the_norm_the_updates_were_clipped_with() -> None:
     """Flower's adaptive wrappers move the clipping norm before they add noise; the noise
     must follow the norm used for clipping (Andrew et al.)."""
+    # Flower draws both noises from numpy's global generator: a seed for which the norm
+    # moves by more than the 2 % the std check can tell apart (seeds 2, 4, 5 do)
+    np.random.seed(4)
     strategy = _fml()
     n, z, clip = 4, 1.0, 2.0
     wrapper = differential_privacy(

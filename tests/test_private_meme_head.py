@@ -8,13 +8,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 import fml_flower.methods.fml as fml_method
 from client_app.app import evaluate, train
-from client_app.state import ContextStore
+from client_app.state import node_slot
 from fml_flower.config import ConfigError, load_config
 from fml_flower.methods import get_method
 from fml_flower.models import build_model, matching_keys
 from fml_flower.personal import MEME_PRIVATE, cpu_state
 from fml_flower.settings import RoundSettings
 from strategies import FedMutualLearning
+from tests.conftest import new_run_id
 from tests.test_strategy import _Grid, _reply
 
 HEAD = ["^net[.]5[.]"]  # the mlp's last linear layer
@@ -51,7 +52,7 @@ def _message(kind: str, server_round: int = 1, lr: float = 0.05) -> Message:
 
 
 def _kept_head(context: Context) -> dict[str, torch.Tensor]:
-    saved = ContextStore(context.state).load(MEME_PRIVATE)
+    saved = node_slot(context.state, MEME_PRIVATE)
     assert saved is not None, "the meme's private part was not kept"
     return saved.state
 
@@ -66,7 +67,7 @@ def test_meme_head_stays_on_the_client_between_rounds(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(fml_method, "mutual_step", spy)
     context = Context(
-        run_id=1,
+        run_id=new_run_id(),
         node_id=11,
         node_config={"partition-id": 0, "num-partitions": 10},
         state=RecordDict(),

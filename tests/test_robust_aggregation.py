@@ -11,6 +11,7 @@ from fml_flower.attacks import poison
 from fml_flower.config import ConfigError, check_partition_ids, load_config
 from strategies import FedMutualLearning
 from strategies.aggregators import Krum, Mean, Median, MultiKrum, TrimmedMean, make_aggregator
+from tests.conftest import new_run_id
 from tests.test_strategy import _Grid, _reply
 
 
@@ -126,14 +127,14 @@ def test_a_corrupt_global_model_never_reaches_the_personalized_model(tmp_path) -
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
     from client_app.app import train
-    from client_app.state import ContextStore, personal_file
+    from client_app.state import node_slot, personal_file
     from fml_flower.checkpoint import load_checkpoint
     from fml_flower.models import build_model
     from fml_flower.personal import PERSONAL, NonFiniteModel
     from fml_flower.settings import RoundSettings
 
     context = Context(
-        run_id=1,
+        run_id=new_run_id(),
         node_id=11,
         state=RecordDict(),
         node_config={"partition-id": 2, "num-partitions": 10, "state-dir": str(tmp_path)},
@@ -154,10 +155,10 @@ def test_a_corrupt_global_model_never_reaches_the_personalized_model(tmp_path) -
         )
 
     train(message(1, 1.0), context)
-    before = ContextStore(context.state).load(PERSONAL)
+    before = node_slot(context.state, PERSONAL)
     with pytest.raises(NonFiniteModel, match="received global model is corrupt"):
         train(message(2, 1e30), context)
-    after = ContextStore(context.state).load(PERSONAL)
+    after = node_slot(context.state, PERSONAL)
     assert after.rounds_trained == before.rounds_trained == 1
     assert all(torch.equal(before.state[k], after.state[k]) for k in before.state)
     assert load_checkpoint(personal_file(tmp_path, 2))["round"] == 1  # nor on disk

@@ -12,6 +12,7 @@ from flwr.app import Context, RecordDict
 import client_app.app as client_module
 from fml_flower.config import ConfigError, data_for_client, load_config
 from fml_flower.data import check_client_datasets, federated_data
+from tests.conftest import new_run_id
 
 
 def _dataset(folder: Path, value: int, size: int = 8, n_train: int = 120) -> None:
@@ -73,7 +74,7 @@ def test_a_node_can_name_its_own_dataset(tmp_path: Path) -> None:
     _dataset(tmp_path / "clothes", 200)
     cfg = _cfg(tmp_path, **{"data.name_per_client": {}})
     ctx = Context(
-        run_id=1,
+        run_id=new_run_id(),
         node_id=1,
         node_config={"partition-id": 0, "num-partitions": 2, "data-name": "clothes"},
         state=RecordDict(),
@@ -108,7 +109,7 @@ def test_task_heads_never_leave_their_clients(tmp_path: Path) -> None:
     """Digits and clothes clients share the meme body; each keeps its own head."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 
-    from client_app.state import ContextStore
+    from client_app.state import node_slot
     from fml_flower.models import build_model, matching_keys
     from fml_flower.personal import MEME_PRIVATE
     from fml_flower.settings import RoundSettings
@@ -139,7 +140,7 @@ def test_task_heads_never_leave_their_clients(tmp_path: Path) -> None:
         msg = Message(RecordDict({"arrays": body, "config": config}), pid, MessageType.TRAIN)
         reply = client_module.train(msg, ctx)
         assert set(reply.content["arrays"].keys()) == set(body.keys())  # no head array
-        saved = ContextStore(ctx.state).load(MEME_PRIVATE)
+        saved = node_slot(ctx.state, MEME_PRIVATE)
         assert saved is not None
         kept[pid] = saved.state
         assert set(kept[pid]) == head

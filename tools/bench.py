@@ -3,6 +3,8 @@
     python -m tools.bench epoch             # (1)+(2) floor vs our epoch, P1 and CIFAR-10
     python -m tools.bench sim               # (3) P1 through Flower's simulation engine
     python -m tools.bench sim100            # (4) 100 clients, 10% sampled per round
+    python -m tools.bench floor             # (6) the P1 round against its PyTorch floor
+    python -m tools.bench crossdevice       # (7) CIFAR-10, 100/300/1,000 clients, 50 a round
     python -m tools.bench deploy --before <dir>   # (5) loopback deployment, before/after
     python -m tools.bench deploy --evaluation     # (5) separate vs in-train evaluation
     python -m tools.bench deploy --baseline <dir> # (5) an older checkout, same settings
@@ -251,6 +253,153 @@ def bench_epoch(
     return {"device": str(device), "threads": torch.get_num_threads(), "rows": rows}
 
 
+# ------------------------------------------------------------------ (6): the round floor
+
+
+_FLOOR: dict[str, Any] = {}
+"""The floor's data and models, set before worker processes fork (they inherit it)."""
+
+
+def _floor_clients(
+    ids: list[int], global_state: dict[str, torch.Tensor], threads: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """One round of FML for clients ``ids`` in plain PyTorch: each client forks the global
+    model into a meme, trains it with its personalized model for one epoch, and scores both
+    on its test part. Returns the example-weighted sum of the memes and the example count
+    (the aggregation's share of this process).
+    """
+    torch.set_num_threads(threads)
+    f = _FLOOR
+    t = f["train"]
+    total: dict[str, torch.Tensor] = {k: torch.zeros_like(v) for k, v in global_state.items()}
+    examples = 0
+    meme = f["meme"]
+    for pid in ids:
+        part, local = f["parts"][pid], f["locals"][pid]
+        meme.load_state_dict(global_state)
+        gen = torch.Generator().manual_seed(pid)
+        floor_epoch(
+            local, meme, part.train.x, part.train.y, t.batch_size, t.alpha, t.beta, t.lr, gen
+        )
+        with torch.no_grad():
+            for model in (meme, local):
+                model.eval()
+                for i in range(0, len(part.test.y), 512):
+                    model(part.test.x[i : i + 512]).argmax(1)
+                model.train()
+        n = len(part.train.y)
+        for k, v in meme.state_dict().items():
+            total[k] += v * n
+        examples += n
+    return total, examples
+
+
+def _floor_worker(args: tuple) -> tuple[dict[str, torch.Tensor], int]:
+    return _floor_clients(*args)
+
+
+def bench_floor_round(
+    data_root: str, arch: str, rounds: int, layouts: list[str]
+) -> list[dict[str, Any]]:
+    """The least wall time plain PyTorch needs for one P1 round's work on this machine
+    (every client's FML epoch, both models scored on every client's test part, the
+    average of the memes and the central evaluation), for each process layout:
+    ``one-process`` (all cores' threads) and ``per-core`` (one forked process per core,
+    one thread each, sharing the clients). Data and personalized models are in memory,
+    built before the timing; the first round warms up and is not counted.
+    """
+    import multiprocessing
+
+    from fml_flower.data import federated_data
+
+    cfg = load_config("p1", {"data.root": data_root, "model.meme": arch, "model.local": arch})
+    n = cfg.federation.min_nodes
+    data = federated_data(cfg.data, n)
+    info = data.info
+    central = data.central_test()
+    cores = os.cpu_count() or 1
+    rows = []
+    for layout in layouts:
+        procs = cores if layout == "per-core" else 1
+        threads = 1 if layout == "per-core" else cores
+        _FLOOR.update(
+            parts=[data.client(i, n) for i in range(n)],
+            locals=[
+                build_model(arch, info.input_shape, info.num_classes, seed=i) for i in range(n)
+            ],
+            meme=build_model(arch, info.input_shape, info.num_classes),
+            train=cfg.train,
+        )
+        global_model = build_model(arch, info.input_shape, info.num_classes, seed=100)
+        pool = multiprocessing.get_context("fork").Pool(procs) if procs > 1 else None
+        times = []
+        try:
+            for r in range(rounds + 1):
+                t0 = time.perf_counter()
+                state = {k: v.clone() for k, v in global_model.state_dict().items()}
+                jobs = [(list(range(k, n, procs)), state, threads) for k in range(procs)]
+                # forked workers train their own copies of the personalized models; the
+                # floor counts the work, so which copy a client continues does not matter
+                results = (
+                    [_floor_worker(jobs[0])] if pool is None else pool.map(_floor_worker, jobs)
+                )
+                torch.set_num_threads(cores)
+                total = sum(e for _, e in results)
+                avg = {k: sum(res[k] for res, _ in results) / total for k in results[0][0]}
+                global_model.load_state_dict(avg)
+                with torch.no_grad():
+                    global_model.eval()
+                    for i in range(0, len(central.y), 512):
+                        global_model(central.x[i : i + 512]).argmax(1)
+                    global_model.train()
+                if r > 0:
+                    times.append(time.perf_counter() - t0)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+            _FLOOR.clear()
+        row = {
+            "arch": arch,
+            "layout": layout,
+            "processes": procs,
+            "threads": threads,
+            "round_median_s": statistics.median(times),
+            "rounds_s": times,
+        }
+        print(f"  floor {arch} {layout}: {json.dumps(row)}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def bench_round_floor(
+    data_root: str, archs: list[str], rounds: int, sim_rounds: int
+) -> dict[str, Any]:
+    """(6): for each CNN layout, the P1 round floor (the faster process layout) and our
+    P1 round in the simulation engine (2 workers of 1 CPU), and their ratio.
+    """
+    rows = []
+    for arch in archs:
+        floors = bench_floor_round(data_root, arch, rounds, ["one-process", "per-core"])
+        best = min(floors, key=lambda f: f["round_median_s"])
+        sim = bench_simulation(
+            data_root, sim_rounds, 20, 1.0, [1], overrides={"model.meme": arch, "model.local": arch}
+        )["rows"][0]
+        rows.append(
+            {
+                "arch": arch,
+                "floors": floors,
+                "floor_layout": best["layout"],
+                "floor_round_s": best["round_median_s"],
+                "sim_round_s": sim["round_wall_median_s"],
+                "ratio": sim["round_wall_median_s"] / best["round_median_s"],
+                "sim": sim,
+            }
+        )
+        print(f"  {arch}: sim / floor = {rows[-1]['ratio']:.3f}", flush=True)
+    return {"rows": rows}
+
+
 # ------------------------------------------------------------- (3) and (4): simulation
 
 
@@ -305,9 +454,11 @@ def bench_simulation(
     fraction: float,
     client_cpus: list[int],
     poll_intervals: list[float] | None = None,
+    experiment: str = "p1",
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """P1 (or a larger federation) through ``flwr run`` on a simulation SuperLink, once per
-    (CPUs per client, server poll interval) pair.
+    """P1 (or another experiment, or a larger federation) through ``flwr run`` on a
+    simulation SuperLink, once per (CPUs per client, server poll interval) pair.
     """
     from tools.experiments import PeakMemory
     from tools.launch import run_app, run_status, simulation_superlink
@@ -318,9 +469,10 @@ def bench_simulation(
         with simulation_superlink(flwr_home, cwd=ROOT) as (connection, pid):
             settings = [(c, p) for p in (poll_intervals or [0.1]) for c in client_cpus]
             for cpus, poll in settings:
-                name = f"c{clients}-f{fraction}-cpu{cpus}-poll{poll}"
+                name = f"{experiment}-c{clients}-f{fraction:.4f}-cpu{cpus}-poll{poll}"
                 run_config = {
-                    "experiment": "p1",
+                    "experiment": experiment,
+                    **(overrides or {}),
                     "data.root": data_root,
                     "federation.num_rounds": rounds,
                     "federation.min_nodes": max(1, round(clients * fraction)),
@@ -359,10 +511,29 @@ def bench_simulation(
                     "wall_s": wall,
                     "startup_and_shutdown_s": wall - round_sum,
                     "peak_memory_mb": memory.peak_mb,
+                    "peak_memory_by_process_mb": memory.breakdown,
+                    "experiment": experiment,
+                    "overrides": overrides or {},
                 }
                 print(f"  {name}: {json.dumps(row)}", flush=True)
                 rows.append(row)
     return {"rows": rows}
+
+
+def bench_cross_device(
+    data_root: str, rounds: int, client_counts: list[int], per_round: int = 50
+) -> dict[str, Any]:
+    """(7): the cross-device configuration (``conf/cross_device.yaml``: CIFAR-10 Dirichlet,
+    batch 10, one local epoch) at several federation sizes with the same number of clients
+    per round: peak memory and median round time against the number of clients.
+    """
+    rows = []
+    for clients in client_counts:
+        result = bench_simulation(
+            data_root, rounds, clients, per_round / clients, [1], experiment="cross_device"
+        )
+        rows += result["rows"]
+    return {"rows": rows, "per_round": per_round}
 
 
 # ---------------------------------------------------------------- (5): deployment
@@ -512,6 +683,68 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
                 f" | {r['peak_memory_mb']:.0f} | {r['clients_with_model']} |"
             )
         out.append("")
+    for key in sorted(k for k in parts if k.startswith("floor")):
+        p = parts[key]
+        out += [
+            f"### (6) The P1 round against its plain-PyTorch floor (`{key}`)",
+            "",
+            f"{p['date']}, {p['machine']}. Command: `{p['command']}`",
+            "",
+            "| model layout | floor, one process (s) | floor, one process per core (s) "
+            "| simulated P1 round, median (s) | simulated / floor | simulation peak memory (MiB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in p["result"]["rows"]:
+            by = {f["layout"]: f["round_median_s"] for f in r["floors"]}
+            out.append(
+                f"| `{r['arch']}` | {_fmt(by.get('one-process'))} | {_fmt(by.get('per-core'))} "
+                f"| {_fmt(r['sim_round_s'])} | **{r['ratio']:.3f}** "
+                f"| {r['sim']['peak_memory_mb']:.0f} |"
+            )
+        out.append("")
+    for key in sorted(k for k in parts if k.startswith("crossdevice")):
+        p = parts[key]
+        out += [
+            f"### (7) Cross-device: many clients, {p['result']['per_round']} per round (`{key}`)",
+            "",
+            f"{p['date']}, {p['machine']}. Command: `{p['command']}`",
+            "",
+            "| clients | per round | rounds | round wall median (s) | peak memory (MiB) "
+            "| clients that trained | personalized, last round | global (clients), last round |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in p["result"]["rows"]:
+            out.append(
+                f"| {r['clients']} | {round(r['clients'] * r['fraction'])} | {r['rounds']} "
+                f"| {_fmt(r['round_wall_median_s'])} | {r['peak_memory_mb']:.0f} "
+                f"| {r['clients_with_model']} | {_fmt(r.get('final_personal_acc'), 4)} "
+                f"| {_fmt(r.get('final_global_acc'), 4)} |"
+            )
+        out.append("")
+    breakdowns = [
+        (key, r)
+        for key in sorted(parts)
+        for r in _sim_rows(parts[key])
+        if r.get("peak_memory_by_process_mb")
+    ]
+    if breakdowns:
+        out += [
+            "### Where the memory of a simulation goes: resident MiB per process at the peak",
+            "",
+            "Summed over processes of one name (two `ray::ClientAppActor` workers, ...). "
+            "Resident memory counts shared library pages in every process that maps them "
+            "(the CUDA build of torch alone is about 0.5 GB per process).",
+            "",
+            "| part | run | total | by process |",
+            "|---|---|---|---|",
+        ]
+        for key, r in breakdowns:
+            by = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_memory_by_process_mb"].items())
+            label = f"{r.get('experiment', 'p1')} {r['clients']} clients"
+            if r.get("overrides"):
+                label += " " + " ".join(f"{k}={v}" for k, v in r["overrides"].items())
+            out.append(f"| `{key}` | {label} | {r['peak_memory_mb']:.0f} | {by} |")
+        out.append("")
     for name in sorted(k for k in parts if k == "deploy" or k.startswith("deploy-")):
         p = parts[name]
         out += [
@@ -531,6 +764,12 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
             )
         out.append("")
     return "\n".join(out)
+
+
+def _sim_rows(part: dict[str, Any]) -> list[dict[str, Any]]:
+    """The simulation rows a stored part holds (sim, sim100, crossdevice, floor)."""
+    rows = part["result"].get("rows", [])
+    return [r.get("sim", r) for r in rows if "peak_memory_mb" in r.get("sim", r)]
 
 
 def store(part: str, result: dict[str, Any], command: str) -> None:
@@ -562,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "part",
-        choices=["epoch", "sim", "sim100", "deploy", "all", "report"],
+        choices=["epoch", "sim", "sim100", "floor", "crossdevice", "deploy", "all", "report"],
         help="report: only rewrite docs/performance.md from the stored parts",
     )
     parser.add_argument(
@@ -601,6 +840,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--trials", type=int, default=1, help="deploy: alternations")
     parser.add_argument(
+        "--archs", default="cnn,cnn-unpadded", help="floor: comma-separated CNN layouts"
+    )
+    parser.add_argument(
+        "--clients", default="100,300,1000", help="crossdevice: comma-separated federation sizes"
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         default=None,
@@ -615,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root = str(Path(args.data_root).resolve())
     if args.threads:
         torch.set_num_threads(args.threads)
-    needs_data = args.part in ("sim", "sim100", "all") or (
+    needs_data = args.part in ("sim", "sim100", "floor", "crossdevice", "all") or (
         args.part == "epoch" and args.tensor_cache is None
     )
     if needs_data and not Path(data_root, "mnist").is_dir():
@@ -643,6 +888,12 @@ def main(argv: list[str] | None = None) -> int:
             result = bench_simulation(data_root, args.rounds or 3, 20, 1.0, cpus, polls)
         elif part == "sim100":
             result = bench_simulation(data_root, args.rounds or 5, 100, 0.1, cpus, polls)
+        elif part == "floor":
+            archs = [a for a in args.archs.split(",") if a]
+            result = bench_round_floor(data_root, archs, args.rounds or 3, args.rounds or 3)
+        elif part == "crossdevice":
+            counts = [int(c) for c in args.clients.split(",") if c]
+            result = bench_cross_device(data_root, args.rounds or 10, counts)
         elif args.baseline is not None:  # another checkout, with the same tuned settings
             result = bench_deployment(
                 {"baseline": args.baseline.resolve(), "current": ROOT},

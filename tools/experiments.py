@@ -81,10 +81,14 @@ def is_complete(run_dir: Path) -> bool:
 
 
 class PeakMemory:
-    """Peak total resident memory of a process and all its descendants (from /proc)."""
+    """Peak total resident memory of a process and all its descendants (from /proc), and
+    what each process held at that peak (:attr:`breakdown`: name -> MiB, summed over the
+    processes of one name).
+    """
 
     def __init__(self, root_pid: int, interval: float = 1.0):
         self.root_pid, self.interval, self.peak_mb = root_pid, interval, 0.0
+        self.breakdown: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -98,11 +102,27 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.root_pid))
+            processes = tree_processes(self.root_pid)
+            total = sum(mb for _, mb in processes)
+            if total > self.peak_mb:
+                self.peak_mb = total
+                by_name: dict[str, float] = {}
+                for name, mb in processes:
+                    by_name[name] = by_name.get(name, 0.0) + mb
+                self.breakdown = dict(sorted(by_name.items(), key=lambda kv: -kv[1]))
 
 
 def tree_rss_mb(root_pid: int) -> float:
     """Resident memory of ``root_pid`` and its descendants, in MiB (Linux /proc)."""
+    return sum(mb for _, mb in tree_processes(root_pid))
+
+
+def tree_processes(root_pid: int) -> list[tuple[str, float]]:
+    """``(name, resident MiB)`` of ``root_pid`` and each of its descendants (Linux /proc).
+    The name is the process's title as ``ps`` shows it, shortened to what tells the
+    processes of a Flower simulation apart (``flower-superlink``, ``ray::ClientAppActor``,
+    ``raylet``, ...).
+    """
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for status in Path("/proc").glob("[0-9]*/status"):
@@ -115,12 +135,31 @@ def tree_rss_mb(root_pid: int) -> float:
         pid, ppid = int(fields["Pid"]), int(fields["PPid"])
         children.setdefault(ppid, []).append(pid)
         rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
-    total, stack = 0, [root_pid]
+    out, stack = [], [root_pid]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        out.append((_process_name(pid), rss.get(pid, 0) / 1024))
         stack.extend(children.get(pid, []))
-    return total / 1024
+    return out
+
+
+def _process_name(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in argv if a]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split()[0]
+    for i, word in enumerate(words[:4]):  # python [-u] <script> / -m <module>: its name
+        if word == "-m" and i + 1 < len(words):
+            return words[i + 1]
+        base = Path(word).name
+        if base and not base.startswith(("python", "-")):
+            return base
+    return Path(words[0]).name
 
 
 def run_sweep(name: str, out: Path, only: list[str] | None = None) -> Path:

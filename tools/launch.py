@@ -83,7 +83,13 @@ def _write_connection(flwr_home: Path, name: str, address: str, ca: Path | None)
 
 
 def _start_superlink(
-    flwr_home: Path, cwd: Path, port: int, mode_args: list[str], ca: Path | None, timeout: float
+    flwr_home: Path,
+    cwd: Path,
+    port: int,
+    mode_args: list[str],
+    ca: Path | None,
+    timeout: float,
+    extra_env: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen, Path]:
     """Start ``flower-superlink`` on ``127.0.0.1:port`` and wait until it is healthy.
 
@@ -105,7 +111,7 @@ def _start_superlink(
                 str(flwr_home / "state.db"),
             ],
             cwd=cwd,
-            env=env_for(flwr_home),
+            env={**env_for(flwr_home), **(extra_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -121,21 +127,104 @@ def _start_superlink(
 
 @contextmanager
 def simulation_superlink(
-    flwr_home: Path, cwd: Path, timeout: float = 60
+    flwr_home: Path, cwd: Path, timeout: float = 60, ray_address: str | None = None
 ) -> Iterator[tuple[str, int]]:
     """A simulation SuperLink on a free loopback port; yields (connection name, its PID).
 
     The connection is written to ``flwr_home/config.toml``; pass ``env_for(flwr_home)``
-    to the ``flwr`` commands that use it.
+    to the ``flwr`` commands that use it. ``ray_address``: run the simulation on that
+    running Ray cluster (``RAY_ADDRESS`` in the SuperLink's environment, see
+    :func:`ray_head`) instead of a Ray instance of its own.
     """
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     _write_connection(flwr_home, "sim", f"127.0.0.1:{port}", None)
-    proc, _ = _start_superlink(flwr_home, cwd, port, ["--insecure", "--simulation"], None, timeout)
+    env = {"RAY_ADDRESS": ray_address} if ray_address else None
+    proc, _ = _start_superlink(
+        flwr_home, cwd, port, ["--insecure", "--simulation"], None, timeout, env
+    )
     try:
         yield "sim", proc.pid
     finally:
         stop_tree(proc)
+
+
+@contextmanager
+def ray_head(temp_dir: Path, num_cpus: int = 2, timeout: float = 120) -> Iterator[str]:
+    """A Ray head node on 127.0.0.1 (``ray start --head --block``, in its own session);
+    yields its address (what ``RAY_ADDRESS`` takes). On exit the ``ray start`` process
+    and every process of its session (raylet, GCS, workers) are stopped by PID.
+
+    ``temp_dir`` must be short (Ray puts Unix sockets in it, 107 characters at most) and
+    keeps this cluster's address file away from ``/tmp/ray``, where an unrelated
+    ``ray.init()`` on the machine would find and join it.
+    """
+    port = free_port()
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    log_path = temp_dir / "ray-start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [
+                "ray",
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={port}",
+                f"--num-cpus={num_cpus}",
+                "--num-gpus=0",
+                f"--temp-dir={temp_dir}",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+            ],
+            env={**os.environ, **QUIET_ENV},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start did not start a head node; see {log_path}")
+            time.sleep(0.5)
+        yield address
+    finally:
+        session = _session_of(proc.pid)
+        stop_process(proc)
+        _stop_session(session, timeout=20)
+
+
+def _session_of(pid: int) -> set[tuple[int, int]]:
+    """``(PID, start time)`` of the live processes in the session that ``pid`` leads, and
+    of their descendants (Ray may give its daemons sessions of their own).
+    """
+    table = _processes()
+    found = {(p, started) for p, (_, sid, started, _) in table.items() if sid == pid}
+    todo = [p for p, _ in found] + [pid]
+    while todo:
+        head = todo.pop()
+        for p, (ppid, _, started, _) in table.items():
+            if ppid == head and (p, started) not in found:
+                found.add((p, started))
+                todo.append(p)
+    return found
+
+
+def _stop_session(family: set[tuple[int, int]], timeout: float) -> None:
+    """SIGTERM, then SIGKILL, the processes of ``family`` still alive (by PID)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid, _ in _still_alive(family):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while _still_alive(family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _still_alive(family):
+            return
 
 
 def env_for(flwr_home: Path) -> dict[str, str]:
