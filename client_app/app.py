@@ -29,13 +29,14 @@ from fml_flower.config import (
 )
 from fml_flower.methods import ClientRound, Method, get_method
 from fml_flower.models import build_model, resolve_device
-from fml_flower.personal import run_scratch_dir
+from fml_flower.personal import run_scratch_dir, run_state_dir
 from fml_flower.settings import RoundSettings
 from fml_flower.tensors import (
     ClientData,
     DatasetInfo,
     load_partition,
     partition_cache_file,
+    partition_fingerprint,
     save_partition,
 )
 from strategies.robust import EVAL_PREFIX, EVALUATE_BEFORE_TRAIN
@@ -100,20 +101,21 @@ def store_folder(cfg: FMLConfig, context: Context) -> Path:
     node_dir = state_dir_of(context)
     if node_dir is not None:
         return node_dir
-    if cfg.federation.state_dir:
-        return Path(cfg.federation.state_dir).expanduser()
-    return run_scratch_dir(context.run_id)
+    return run_state_dir(cfg.federation.state_dir, context.run_id)
 
 
 class ClientDataCache:
     """The client side's one cache: a client's ready train/test tensors on its device.
 
-    In memory per process (a simulation worker serves many clients for the whole run; the
-    loaded dataset and its partitioner are kept for the next client of the same setting)
-    and, with a node's ``state-dir``, on disk, where later ClientApp processes read them
-    without importing the dataset libraries or re-partitioning (deployment starts a new
-    process per message). A disk entry is keyed by a fingerprint of the data settings
-    (and, for a local folder, its files' names, sizes and times) and refused on mismatch.
+    In memory per process and, with a cache folder, on disk. A simulation worker serves
+    many clients of one run: without a cache folder it keeps every client's tensors (and
+    the loaded dataset and its partitioner, for the next client); with one it keeps only
+    the client it served last, and reads the others' files (milliseconds), so its memory
+    does not grow with the clients it serves. In simulation the ServerApp has written every
+    client's file before round 1 (:func:`write_partitions`), so no worker imports the
+    dataset libraries or partitions anything; in deployment (a new process per message)
+    later messages read what the first one wrote. A file is keyed by
+    :func:`~fml_flower.tensors.partition_fingerprint` and refused on a mismatch.
     """
 
     def __init__(self) -> None:
@@ -130,7 +132,7 @@ class ClientDataCache:
         if key not in self._clients:
             loaded, path, fingerprint = None, None, ""
             if cache_dir is not None:
-                fingerprint = self.fingerprint(data_cfg, pid, n)
+                fingerprint = partition_fingerprint(data_cfg, pid, n)
                 path = partition_cache_file(cache_dir, fingerprint, pid)
                 loaded = load_partition(path, fingerprint)
             if loaded is None:
@@ -138,6 +140,8 @@ class ClientDataCache:
                 loaded = (data.client(pid, n), data.info)
                 if path is not None:
                     save_partition(path, loaded[0], loaded[1], fingerprint)
+            if cache_dir is not None:
+                self._clients.clear()  # on disk: keep only this client in memory
             self._clients[key] = (loaded[0].to(device), loaded[1])
         return self._clients[key]
 
@@ -150,20 +154,17 @@ class ClientDataCache:
             self._dataset = (key, federated_data(data, n))
         return self._dataset[1]
 
-    @staticmethod
-    def fingerprint(data: DataConfig, pid: int, n: int) -> str:
-        """What a client's partition depends on."""
-        parts = [to_yaml(data), f"partition {pid} of {n}"]  # type: ignore[arg-type]
-        if data.source == "local":
-            folder = Path(data.root).expanduser() / data.name
-            for f in sorted(folder.glob("*")):
-                if f.is_file():
-                    st = f.stat()
-                    parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-        return "\n".join(parts)
-
 
 DATA = ClientDataCache()
+
+
+def partition_folder(cfg: FMLConfig, context: Context) -> Path:
+    """Where this node keeps ready partition tensors: its ``state-dir`` itself (kept across
+    runs), else the ``partitions`` folder of its state folder (in simulation, where the
+    ServerApp writes every client's before round 1; see :func:`store_folder`).
+    """
+    node_dir = state_dir_of(context)
+    return node_dir if node_dir is not None else store_folder(cfg, context) / "partitions"
 
 
 def personal_identity(cfg: FMLConfig, pid: int, num_partitions: int) -> dict[str, str]:
@@ -194,7 +195,7 @@ def client_round(
     cfg = client_config(context)
     method = get_method(cfg.train.method)
     pid, n = partition_of(context)
-    data, info = DATA.get(cfg, pid, n, state_dir_of(context))
+    data, info = DATA.get(cfg, pid, n, partition_folder(cfg, context))
     folder = store_folder(cfg, context)
     store = NodeStore(
         context.state,

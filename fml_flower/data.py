@@ -43,7 +43,14 @@ from flwr_datasets.partitioner.partitioner import Partitioner
 from PIL import Image
 
 from fml_flower.config import ConfigError, DataConfig, data_for_client
-from fml_flower.tensors import ClientData, DatasetInfo, TensorSplit
+from fml_flower.tensors import (
+    ClientData,
+    DatasetInfo,
+    TensorSplit,
+    partition_cache_file,
+    partition_fingerprint,
+    save_partition,
+)
 
 EMBEDDED_TEST_FRACTION = 0.2
 
@@ -526,3 +533,20 @@ def check_client_datasets(
             check_coverage(report, own, n, name)
         reports[name] = report
     return reports
+
+
+def write_partitions(data: FederatedImageData, num_partitions: int, folder: Path) -> int:
+    """Write every client's ready tensors to ``folder``, the files a client's data cache
+    reads (:func:`~fml_flower.tensors.partition_cache_file`), except those already there.
+    Returns how many were written. In simulation the ServerApp, which has the dataset and
+    its partitioner loaded anyway, does this once, so that no simulation worker imports the
+    dataset libraries or partitions anything.
+    """
+    written = 0
+    for pid in range(num_partitions):
+        fingerprint = partition_fingerprint(data.cfg, pid, num_partitions)
+        path = partition_cache_file(folder, fingerprint, pid)
+        if not path.is_file():
+            save_partition(path, data.client(pid, num_partitions), data.info, fingerprint)
+            written += 1
+    return written

@@ -41,6 +41,13 @@ def run_scratch_dir(run_id: int) -> Path:
     return Path(tempfile.gettempdir()) / SCRATCH / f"run-{run_id}"
 
 
+def run_state_dir(state_dir: str, run_id: int) -> Path:
+    """The state folder of a node that configures none of its own: ``state_dir``
+    (``federation.state_dir``) if given, else :func:`run_scratch_dir`.
+    """
+    return Path(state_dir).expanduser() if state_dir else run_scratch_dir(run_id)
+
+
 class ArchitectureMismatch(RuntimeError):
     """A saved model does not fit the model it should be loaded into."""
 

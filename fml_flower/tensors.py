@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fml_flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fml_flower.config import DataConfig, to_yaml
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,20 @@ class DatasetInfo:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+
+def partition_fingerprint(data: DataConfig, partition_id: int, num_partitions: int) -> str:
+    """What a client's ready tensors depend on: the data settings and the partition (and,
+    for a local folder, its files' names, sizes and times).
+    """
+    parts = [to_yaml(data), f"partition {partition_id} of {num_partitions}"]  # type: ignore[arg-type]
+    if data.source == "local":
+        folder = Path(data.root).expanduser() / data.name
+        for f in sorted(folder.glob("*")):
+            if f.is_file():
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
 
 
 def partition_cache_file(folder: Path, fingerprint: str, partition_id: int) -> Path:

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import (
@@ -24,10 +25,10 @@ from fml_flower.config import (
     config_from_run_config,
     to_yaml,
 )
-from fml_flower.data import check_client_datasets, federated_data
+from fml_flower.data import check_client_datasets, federated_data, write_partitions
 from fml_flower.methods import get_method
 from fml_flower.models import build_model, cpu_state_dict, resolve_device
-from fml_flower.personal import run_scratch_dir
+from fml_flower.personal import run_scratch_dir, run_state_dir
 from fml_flower.results import RunRecorder, plot_run, summary_table
 from server_app.grid import PollingGrid
 from server_app.participants import PartitionJoins
@@ -91,11 +92,14 @@ def resume_point(cfg: FMLConfig) -> ResumePoint | None:
     return ResumePoint(done, ckpt["arrays"], [r for r in rounds if r["round"] <= done], folder)
 
 
-def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
+def run_fml(grid: Grid, cfg: FMLConfig, run_id: int = 0) -> Path:
     """Run ``train.method`` for ``federation.num_rounds`` rounds; return the results folder.
 
     Everything is validated (configuration, data, partitions, resume checkpoint) before the
-    results folder is created and before any client trains.
+    results folder is created and before any client trains. In simulation (Flower's
+    in-memory grid: every client on this machine) the clients' ready partitions are written
+    once to the run's state folder (``federation.state_dir`` or the run's scratch folder),
+    where the simulated clients read them.
     """
     t0 = time.monotonic()
     method = get_method(cfg.train.method)
@@ -112,6 +116,18 @@ def run_fml(grid: Grid, cfg: FMLConfig) -> Path:
     data = federated_data(cfg.data, num_nodes)
     reports = check_client_datasets(cfg.data, num_nodes, data)  # stops a split missing a class
     split = {name: r.as_record() if r else None for name, r in reports.items()}
+    if isinstance(grid, InMemoryGrid) and not cfg.data.name_per_client:
+        folder = run_state_dir(cfg.federation.state_dir, run_id) / "partitions"
+        t_write = time.monotonic()
+        written = write_partitions(data, num_nodes, folder)
+        log(
+            INFO,
+            "Simulation: %d client partitions ready in %s (%d written in %.1fs)",
+            num_nodes,
+            folder,
+            written,
+            time.monotonic() - t_write,
+        )
     meme = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes, seed=cfg.seed)
     offset = 0
     if resume is not None:
@@ -229,7 +245,7 @@ def main(grid: Grid, context: Context) -> None:
     ``federation.state_dir``) is removed from this machine: in simulation, every node's.
     """
     try:
-        run_fml(grid, config_from_run_config(context.run_config))
+        run_fml(grid, config_from_run_config(context.run_config), context.run_id)
     finally:
         scratch = run_scratch_dir(context.run_id)
         if scratch.exists():

@@ -191,3 +191,37 @@ def test_node_config_local_model_picks_the_private_architecture() -> None:
     bad.node_config = {**bad.node_config, "local-model": "nonsense"}
     with pytest.raises(ConfigError, match="unknown model 'nonsense'"):
         train(_message(MessageType.TRAIN), bad)
+
+
+def test_simulated_clients_read_the_partitions_the_server_wrote(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """In simulation the ServerApp writes every client's ready tensors once; a worker then
+    serves any number of clients without importing the dataset libraries, and keeps only
+    the client it served last in memory."""
+    import subprocess
+    import sys
+
+    from fml_flower.config import load_config
+    from fml_flower.data import federated_data, write_partitions
+
+    cfg = load_config("base", {})
+    assert write_partitions(federated_data(cfg.data, 4), 4, tmp_path) == 4
+    assert write_partitions(federated_data(cfg.data, 4), 4, tmp_path) == 0  # already there
+    script = f"""
+import sys
+from pathlib import Path
+from client_app.app import DATA, ClientDataCache
+from fml_flower.config import load_config
+cfg = load_config("base", {{}})
+got = [DATA.get(cfg, pid, 4, Path({str(tmp_path)!r}))[0] for pid in range(4)]
+assert "datasets" not in sys.modules and "flwr_datasets" not in sys.modules
+assert len(DATA._clients) == 1, len(DATA._clients)
+built = ClientDataCache().dataset(cfg.data, 4)  # the same tensors as building them
+for pid, data in enumerate(got):
+    own = built.client(pid, 4)
+    assert data.train.x.equal(own.train.x) and data.test.y.equal(own.test.y), pid
+print("ok")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -373,30 +373,44 @@ def bench_floor_round(
 
 
 def bench_round_floor(
-    data_root: str, archs: list[str], rounds: int, sim_rounds: int
+    data_root: str,
+    archs: list[str],
+    rounds: int,
+    sim_rounds: int,
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
     """(6): for each CNN layout, the P1 round floor (the faster process layout) and our
-    P1 round in the simulation engine (2 workers of 1 CPU), and their ratio.
+    P1 round in the simulation engine (2 workers of 1 CPU), and their ratio; with
+    ``baseline`` (an older checkout) its simulated round too, in the same run.
     """
     rows = []
+    dirs = {"current": ROOT, **({"baseline": baseline} if baseline else {})}
     for arch in archs:
         floors = bench_floor_round(data_root, arch, rounds, ["one-process", "per-core"])
         best = min(floors, key=lambda f: f["round_median_s"])
-        sim = bench_simulation(
-            data_root, sim_rounds, 20, 1.0, [1], overrides={"model.meme": arch, "model.local": arch}
-        )["rows"][0]
-        rows.append(
-            {
-                "arch": arch,
-                "floors": floors,
-                "floor_layout": best["layout"],
-                "floor_round_s": best["round_median_s"],
-                "sim_round_s": sim["round_wall_median_s"],
-                "ratio": sim["round_wall_median_s"] / best["round_median_s"],
-                "sim": sim,
-            }
-        )
-        print(f"  {arch}: sim / floor = {rows[-1]['ratio']:.3f}", flush=True)
+        sims = bench_simulation(
+            data_root,
+            sim_rounds,
+            20,
+            1.0,
+            [1],
+            overrides={"model.meme": arch, "model.local": arch},
+            app_dirs=dirs,
+        )["rows"]
+        for sim in sims:
+            rows.append(
+                {
+                    "arch": arch,
+                    "variant": sim["variant"],
+                    "floors": floors,
+                    "floor_layout": best["layout"],
+                    "floor_round_s": best["round_median_s"],
+                    "sim_round_s": sim["round_wall_median_s"],
+                    "ratio": sim["round_wall_median_s"] / best["round_median_s"],
+                    "sim": sim,
+                }
+            )
+            print(f"  {arch} {sim['variant']}: sim / floor = {rows[-1]['ratio']:.3f}", flush=True)
     return {"rows": rows}
 
 
@@ -456,9 +470,12 @@ def bench_simulation(
     poll_intervals: list[float] | None = None,
     experiment: str = "p1",
     overrides: dict[str, Any] | None = None,
+    app_dirs: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """P1 (or another experiment, or a larger federation) through ``flwr run`` on a
-    simulation SuperLink, once per (CPUs per client, server poll interval) pair.
+    simulation SuperLink, once per (CPUs per client, server poll interval) pair and app
+    folder (``app_dirs``: label -> checkout, e.g. an older commit beside this one; default
+    this checkout as ``current``).
     """
     from tools.experiments import PeakMemory
     from tools.launch import run_app, run_status, simulation_superlink
@@ -467,9 +484,15 @@ def bench_simulation(
     with tempfile.TemporaryDirectory(prefix="fml-bench-") as tmp:
         flwr_home = Path(tmp) / ".flwr"
         with simulation_superlink(flwr_home, cwd=ROOT) as (connection, pid):
-            settings = [(c, p) for p in (poll_intervals or [0.1]) for c in client_cpus]
-            for cpus, poll in settings:
-                name = f"{experiment}-c{clients}-f{fraction:.4f}-cpu{cpus}-poll{poll}"
+            variants = app_dirs or {"current": ROOT}
+            settings = [
+                (c, p, label)
+                for p in (poll_intervals or [0.1])
+                for c in client_cpus
+                for label in variants
+            ]
+            for cpus, poll, label in settings:
+                name = f"{experiment}-c{clients}-f{fraction:.4f}-cpu{cpus}-poll{poll}-{label}"
                 run_config = {
                     "experiment": experiment,
                     **(overrides or {}),
@@ -486,7 +509,13 @@ def bench_simulation(
                 t0 = time.monotonic()
                 with PeakMemory(pid, interval=0.5) as memory:
                     proc = run_app(
-                        ROOT, flwr_home, connection, run_config, clients, 3600, num_cpus=cpus
+                        variants[label],
+                        flwr_home,
+                        connection,
+                        run_config,
+                        clients,
+                        3600,
+                        num_cpus=cpus,
                     )
                 wall = time.monotonic() - t0
                 run_dir = Path(tmp) / name
@@ -514,10 +543,31 @@ def bench_simulation(
                     "peak_memory_by_process_mb": memory.breakdown,
                     "experiment": experiment,
                     "overrides": overrides or {},
+                    "variant": label,
+                    "app_commit": _commit_of(variants[label]),
                 }
                 print(f"  {name}: {json.dumps(row)}", flush=True)
                 rows.append(row)
     return {"rows": rows}
+
+
+def _commit_of(folder: Path) -> str:
+    """The short commit of a checkout (with ``+`` when its tracked files are modified)."""
+    import subprocess
+
+    head = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return head + ("+" if dirty else "") if head else "?"
 
 
 def bench_cross_device(
@@ -690,15 +740,17 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
             "",
             f"{p['date']}, {p['machine']}. Command: `{p['command']}`",
             "",
-            "| model layout | floor, one process (s) | floor, one process per core (s) "
-            "| simulated P1 round, median (s) | simulated / floor | simulation peak memory (MiB) |",
-            "|---|---|---|---|---|---|",
+            "| model layout | code | floor, one process (s) | floor, one process per core (s) "
+            "| simulated P1 round, median (s) | simulated / floor "
+            "| simulation peak memory (MiB) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in p["result"]["rows"]:
             by = {f["layout"]: f["round_median_s"] for f in r["floors"]}
+            code = f"{r.get('variant', 'current')} ({r['sim'].get('app_commit', '?')})"
             out.append(
-                f"| `{r['arch']}` | {_fmt(by.get('one-process'))} | {_fmt(by.get('per-core'))} "
-                f"| {_fmt(r['sim_round_s'])} | **{r['ratio']:.3f}** "
+                f"| `{r['arch']}` | {code} | {_fmt(by.get('one-process'))} "
+                f"| {_fmt(by.get('per-core'))} | {_fmt(r['sim_round_s'])} | **{r['ratio']:.3f}** "
                 f"| {r['sim']['peak_memory_mb']:.0f} |"
             )
         out.append("")
@@ -741,6 +793,8 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
         for key, r in breakdowns:
             by = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_memory_by_process_mb"].items())
             label = f"{r.get('experiment', 'p1')} {r['clients']} clients"
+            if r.get("variant"):
+                label += f", {r['variant']} ({r.get('app_commit', '?')})"
             if r.get("overrides"):
                 label += " " + " ".join(f"{k}={v}" for k, v in r["overrides"].items())
             out.append(f"| `{key}` | {label} | {r['peak_memory_mb']:.0f} | {by} |")
@@ -768,7 +822,7 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
 
 def _sim_rows(part: dict[str, Any]) -> list[dict[str, Any]]:
     """The simulation rows a stored part holds (sim, sim100, crossdevice, floor)."""
-    rows = part["result"].get("rows", [])
+    rows = part.get("result", {}).get("rows", [])  # startup.json has no result
     return [r.get("sim", r) for r in rows if "peak_memory_mb" in r.get("sim", r)]
 
 
@@ -849,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline",
         type=Path,
         default=None,
-        help="deploy: an older checkout run with the same tuned settings as this one",
+        help="deploy, floor: an older checkout run with the same settings as this one",
     )
     parser.add_argument(
         "--evaluation",
@@ -890,7 +944,8 @@ def main(argv: list[str] | None = None) -> int:
             result = bench_simulation(data_root, args.rounds or 5, 100, 0.1, cpus, polls)
         elif part == "floor":
             archs = [a for a in args.archs.split(",") if a]
-            result = bench_round_floor(data_root, archs, args.rounds or 3, args.rounds or 3)
+            base = args.baseline.resolve() if args.baseline else None
+            result = bench_round_floor(data_root, archs, args.rounds or 3, args.rounds or 3, base)
         elif part == "crossdevice":
             counts = [int(c) for c in args.clients.split(",") if c]
             result = bench_cross_device(data_root, args.rounds or 10, counts)
