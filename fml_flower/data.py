@@ -46,6 +46,7 @@ from fml_flower.config import ConfigError, DataConfig, data_for_client
 from fml_flower.tensors import (
     ClientData,
     DatasetInfo,
+    PreparedData,
     TensorSplit,
     partition_cache_file,
     partition_fingerprint,
@@ -550,3 +551,23 @@ def write_partitions(data: FederatedImageData, num_partitions: int, folder: Path
             save_partition(path, data.client(pid, num_partitions), data.info, fingerprint)
             written += 1
     return written
+
+
+def prepare_federation(
+    cfg: DataConfig, num_partitions: int, partitions: Path | None = None
+) -> PreparedData:
+    """Everything the server needs of the data before round 1: load the dataset, check
+    every client's split (:func:`check_client_datasets`, which raises
+    :class:`~fml_flower.config.ConfigError` naming a problem), write every client's ready
+    tensors to ``partitions`` if given (:func:`write_partitions`; one dataset only), and
+    return the inputs' description, the split records and the central test set.
+    """
+    data = federated_data(cfg, num_partitions)
+    reports = check_client_datasets(cfg, num_partitions, data)
+    if partitions is not None and not cfg.name_per_client:
+        write_partitions(data, num_partitions, partitions)
+    return PreparedData(
+        info=data.info,
+        split={name: r.as_record() if r else None for name, r in reports.items()},
+        central=data.central_test(),
+    )

@@ -54,6 +54,18 @@ class DatasetInfo:
     std: tuple[float, ...]
 
 
+@dataclass
+class PreparedData:
+    """What the server keeps of a federation's data once it is checked: the inputs'
+    description, each dataset's split record (class counts and hashes per client) and the
+    central test set.
+    """
+
+    info: DatasetInfo
+    split: dict[str, dict | None]
+    central: TensorSplit
+
+
 def partition_fingerprint(data: DataConfig, partition_id: int, num_partitions: int) -> str:
     """What a client's ready tensors depend on: the data settings and the partition (and,
     for a local folder, its files' names, sizes and times).

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from logging import INFO, WARNING
@@ -20,16 +22,17 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import (
     ConfigError,
+    DataConfig,
     FMLConfig,
     check_partition_ids,
     config_from_run_config,
     to_yaml,
 )
-from fml_flower.data import check_client_datasets, federated_data, write_partitions
 from fml_flower.methods import get_method
 from fml_flower.models import build_model, cpu_state_dict, resolve_device
 from fml_flower.personal import run_scratch_dir, run_state_dir
 from fml_flower.results import RunRecorder, plot_run, summary_table
+from fml_flower.tensors import PreparedData
 from server_app.grid import PollingGrid
 from server_app.participants import PartitionJoins
 from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
@@ -92,14 +95,53 @@ def resume_point(cfg: FMLConfig) -> ResumePoint | None:
     return ResumePoint(done, ckpt["arrays"], [r for r in rounds if r["round"] <= done], folder)
 
 
-def run_fml(grid: Grid, cfg: FMLConfig, run_id: int = 0) -> Path:
+def _prepare(cfg: DataConfig, num_nodes: int, partitions: Path | None) -> PreparedData:
+    from fml_flower.data import prepare_federation  # the dataset libraries, only here
+
+    return prepare_federation(cfg, num_nodes, partitions)
+
+
+def prepare_data(
+    cfg: DataConfig, num_nodes: int, partitions: Path | None, in_child: bool
+) -> PreparedData:
+    """:func:`fml_flower.data.prepare_federation`, in a child process with ``in_child``:
+    the ServerApp then never imports the dataset libraries (``datasets``,
+    ``flwr_datasets``: about 250 MB resident) nor keeps the training split, its partitioner
+    and the clients' tensors it wrote; it gets back the split records and the central test
+    set. A ``ConfigError`` of the check reaches the caller as it is.
+    """
+    if not in_child:
+        return _prepare(cfg, num_nodes, partitions)
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        return pool.submit(_prepare, cfg, num_nodes, partitions).result()
+
+
+def run_fml(
+    grid: Grid, cfg: FMLConfig, run_id: int | None = None, prepare_in_child: bool = False
+) -> Path:
+    """Run ``train.method`` (see :func:`_run_fml`); when the run ends, successful or not,
+    the scratch state of run ``run_id`` (its clients that keep their state neither in a
+    node ``state-dir`` nor in ``federation.state_dir``) is removed from this machine: in
+    simulation, every client's.
+    """
+    try:
+        return _run_fml(grid, cfg, run_id, prepare_in_child)
+    finally:
+        if run_id is not None and run_scratch_dir(run_id).exists():
+            shutil.rmtree(run_scratch_dir(run_id))
+
+
+def _run_fml(grid: Grid, cfg: FMLConfig, run_id: int | None, prepare_in_child: bool) -> Path:
     """Run ``train.method`` for ``federation.num_rounds`` rounds; return the results folder.
 
     Everything is validated (configuration, data, partitions, resume checkpoint) before the
     results folder is created and before any client trains. In simulation (Flower's
     in-memory grid: every client on this machine) the clients' ready partitions are written
     once to the run's state folder (``federation.state_dir`` or the run's scratch folder),
-    where the simulated clients read them.
+    where the simulated clients read them. ``prepare_in_child`` (the ServerApp's setting):
+    the data is prepared in a child process (:func:`prepare_data`). Without ``run_id`` the
+    server writes no partitions: each client builds its own.
     """
     t0 = time.monotonic()
     method = get_method(cfg.train.method)
@@ -113,20 +155,20 @@ def run_fml(grid: Grid, cfg: FMLConfig, run_id: int = 0) -> Path:
     resume = resume_point(cfg)
     num_nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.round_timeout)
     check_partition_ids(cfg, num_nodes)  # a key naming a client that does not exist
-    data = federated_data(cfg.data, num_nodes)
-    reports = check_client_datasets(cfg.data, num_nodes, data)  # stops a split missing a class
-    split = {name: r.as_record() if r else None for name, r in reports.items()}
-    if isinstance(grid, InMemoryGrid) and not cfg.data.name_per_client:
-        folder = run_state_dir(cfg.federation.state_dir, run_id) / "partitions"
-        t_write = time.monotonic()
-        written = write_partitions(data, num_nodes, folder)
+    # stops a split missing a class; in simulation, hands the clients their partitions
+    partitions = None
+    if run_id is not None and isinstance(grid, InMemoryGrid) and not cfg.data.name_per_client:
+        partitions = run_state_dir(cfg.federation.state_dir, run_id) / "partitions"
+    t_data = time.monotonic()
+    data = prepare_data(cfg.data, num_nodes, partitions, in_child=prepare_in_child)
+    split = data.split
+    if partitions is not None:
         log(
             INFO,
-            "Simulation: %d client partitions ready in %s (%d written in %.1fs)",
+            "Simulation: %d client partitions ready in %s (data prepared in %.1fs)",
             num_nodes,
-            folder,
-            written,
-            time.monotonic() - t_write,
+            partitions,
+            time.monotonic() - t_data,
         )
     meme = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes, seed=cfg.seed)
     offset = 0
@@ -240,13 +282,5 @@ def run_fml(grid: Grid, cfg: FMLConfig, run_id: int = 0) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point of the ServerApp. When the run ends, its clients' scratch state (nodes
-    that keep their personalized state neither in a ``state-dir`` nor in
-    ``federation.state_dir``) is removed from this machine: in simulation, every node's.
-    """
-    try:
-        run_fml(grid, config_from_run_config(context.run_config), context.run_id)
-    finally:
-        scratch = run_scratch_dir(context.run_id)
-        if scratch.exists():
-            shutil.rmtree(scratch)
+    """Entry point of the ServerApp."""
+    run_fml(grid, config_from_run_config(context.run_config), context.run_id, prepare_in_child=True)

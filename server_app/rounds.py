@@ -13,10 +13,10 @@ from flwr.serverapp import Grid
 
 from fml_flower.checkpoint import save_checkpoint
 from fml_flower.config import FMLConfig
-from fml_flower.data import FederatedImageData
 from fml_flower.methods import Method
 from fml_flower.models import build_model, resolve_device
 from fml_flower.results import RunRecorder
+from fml_flower.tensors import PreparedData
 from fml_flower.training import evaluate
 from strategies.robust import RobustFedAvg, RoundLog
 
@@ -73,7 +73,7 @@ class CentralEvaluation:
         self,
         cfg: FMLConfig,
         method: Method,
-        data: FederatedImageData,
+        data: PreparedData,
         strategy: RobustFedAvg,
         recorder: RunRecorder,
         round_offset: int = 0,
@@ -82,7 +82,7 @@ class CentralEvaluation:
         self.cfg = cfg
         self.method = method
         device = resolve_device(cfg.train.device)
-        self.test = data.central_test().to(device)
+        self.test = data.central.to(device)
         self.strategy = strategy
         self.recorder = recorder
         self.round_offset = round_offset

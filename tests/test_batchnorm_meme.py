@@ -22,6 +22,14 @@ from fml_flower.config import load_config
 from server_app.app import run_fml
 
 
+@pytest.fixture(autouse=True)
+def private_tempdir() -> None:
+    """Overrides conftest's: the ServerApp runs in this process, its clients in Ray
+    workers, and both must see the same temporary directory (the run's scratch folder,
+    which the ServerApp removes at the end).
+    """
+
+
 def _toy_dataset(folder: Path) -> None:
     """Random 8x8 images of 4 classes: small enough for a resnet18 on a CPU test."""
     rng = np.random.default_rng(0)
@@ -83,7 +91,7 @@ def _apps(root: Path, out: Path, seen: Path) -> tuple[ServerApp, ClientApp]:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_fml(grid, load_config("base", settings))
+        run_fml(grid, load_config("base", settings), context.run_id)
 
     return server, client
 

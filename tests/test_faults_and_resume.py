@@ -23,6 +23,15 @@ from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import load_config
 from server_app.app import run_fml
 
+
+@pytest.fixture(autouse=True)
+def private_tempdir() -> None:
+    """Overrides conftest's: the ServerApp runs in this process, its clients in Ray
+    workers, and both must see the same temporary directory (the run's scratch folder,
+    which the ServerApp removes at the end).
+    """
+
+
 BASE = {
     "data.partitioner": "shard",  # 4 clients x 2 shards: every class used
     "model.meme": "mlp",
@@ -74,7 +83,7 @@ def _server_app(overrides: dict) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_fml(grid, load_config("base", {**BASE, **overrides}))
+        run_fml(grid, load_config("base", {**BASE, **overrides}), context.run_id)
 
     return app
 

@@ -381,11 +381,14 @@ def bench_round_floor(
 ) -> dict[str, Any]:
     """(6): for each CNN layout, the P1 round floor (the faster process layout) and our
     P1 round in the simulation engine (2 workers of 1 CPU), and their ratio; with
-    ``baseline`` (an older checkout) its simulated round too, in the same run.
+    ``baseline`` (an older checkout) its simulated round of P1's own ``cnn`` too, in the
+    same run.
     """
     rows = []
-    dirs = {"current": ROOT, **({"baseline": baseline} if baseline else {})}
     for arch in archs:
+        # an older checkout may not know a layout added since (cnn-unpadded): it runs the
+        # protocol's own model only
+        dirs = {"current": ROOT, **({"baseline": baseline} if baseline and arch == "cnn" else {})}
         floors = bench_floor_round(data_root, arch, rounds, ["one-process", "per-core"])
         best = min(floors, key=lambda f: f["round_median_s"])
         sims = bench_simulation(
