@@ -484,78 +484,81 @@ def bench_simulation(
     from tools.launch import run_app, run_status, simulation_superlink
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="fml-bench-") as tmp:
-        flwr_home = Path(tmp) / ".flwr"
-        with simulation_superlink(flwr_home, cwd=ROOT) as (connection, pid):
-            variants = app_dirs or {"current": ROOT}
-            settings = [
-                (c, p, label)
-                for p in (poll_intervals or [0.1])
-                for c in client_cpus
-                for label in variants
-            ]
-            for cpus, poll, label in settings:
-                name = f"{experiment}-c{clients}-f{fraction:.4f}-cpu{cpus}-poll{poll}-{label}"
-                run_config = {
-                    "experiment": experiment,
-                    **(overrides or {}),
-                    "data.root": data_root,
-                    "federation.num_rounds": rounds,
-                    "federation.min_nodes": max(1, round(clients * fraction)),
-                    "federation.fraction_train": fraction,
-                    "federation.fraction_evaluate": fraction,
-                    "federation.poll_interval": poll,
-                    "output.dir": tmp,
-                    "output.run_name": name,
-                    "output.plot": False,
-                }
-                t0 = time.monotonic()
-                with PeakMemory(pid, interval=0.5) as memory:
-                    proc = run_app(
-                        variants[label],
-                        flwr_home,
-                        connection,
-                        run_config,
-                        clients,
-                        3600,
-                        num_cpus=cpus,
-                    )
-                wall = time.monotonic() - t0
-                run_dir = Path(tmp) / name
-                if not (run_dir / "metrics.json").is_file():
-                    raise RuntimeError(
-                        f"benchmark run {name} failed: {run_status(flwr_home, connection)}\n"
-                        f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-                    )
-                workers = max(1, (os.cpu_count() or 1) // cpus)
-                costs = _round_costs(run_dir, workers)
-                round_sum = sum(
-                    r["seconds"]
-                    for r in json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    variants = app_dirs or {"current": ROOT}
+    settings = [
+        (c, p, label) for p in (poll_intervals or [0.1]) for c in client_cpus for label in variants
+    ]
+    for cpus, poll, label in settings:
+        # One SuperLink per run, started in the app's folder: Ray puts the driver's working
+        # directory first on its workers' path, so the ClientApps import the packages there
+        # (a SuperLink in this checkout would run this checkout's clients for an older app).
+        with (
+            tempfile.TemporaryDirectory(prefix="fml-bench-") as tmp,
+            simulation_superlink(Path(tmp) / ".flwr", cwd=variants[label]) as (connection, pid),
+        ):
+            flwr_home = Path(tmp) / ".flwr"
+            name = f"{experiment}-c{clients}-f{fraction:.4f}-cpu{cpus}-poll{poll}-{label}"
+            run_config = {
+                "experiment": experiment,
+                **(overrides or {}),
+                "data.root": data_root,
+                "federation.num_rounds": rounds,
+                "federation.min_nodes": max(1, round(clients * fraction)),
+                "federation.fraction_train": fraction,
+                "federation.fraction_evaluate": fraction,
+                "federation.poll_interval": poll,
+                "output.dir": tmp,
+                "output.run_name": name,
+                "output.plot": False,
+            }
+            t0 = time.monotonic()
+            with PeakMemory(pid, interval=0.5) as memory:
+                proc = run_app(
+                    variants[label],
+                    flwr_home,
+                    connection,
+                    run_config,
+                    clients,
+                    3600,
+                    num_cpus=cpus,
                 )
-                row = {
-                    "clients": clients,
-                    "fraction": fraction,
-                    "client_cpus": cpus,
-                    "poll_interval_s": poll,
-                    "workers": workers,
-                    **costs,
-                    "wall_s": wall,
-                    "startup_and_shutdown_s": wall - round_sum,
-                    "peak_memory_mb": memory.peak_mb,
-                    "peak_memory_by_process_mb": memory.breakdown,
-                    "experiment": experiment,
-                    "overrides": overrides or {},
-                    "variant": label,
-                    "app_commit": _commit_of(variants[label]),
-                }
-                print(f"  {name}: {json.dumps(row)}", flush=True)
-                rows.append(row)
+            wall = time.monotonic() - t0
+            run_dir = Path(tmp) / name
+            if not (run_dir / "metrics.json").is_file():
+                raise RuntimeError(
+                    f"benchmark run {name} failed: {run_status(flwr_home, connection)}\n"
+                    f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+                )
+            workers = max(1, (os.cpu_count() or 1) // cpus)
+            costs = _round_costs(run_dir, workers)
+            round_sum = sum(
+                r["seconds"] for r in json.loads((run_dir / "metrics.json").read_text())["rounds"]
+            )
+            row = {
+                "clients": clients,
+                "fraction": fraction,
+                "client_cpus": cpus,
+                "poll_interval_s": poll,
+                "workers": workers,
+                **costs,
+                "wall_s": wall,
+                "startup_and_shutdown_s": wall - round_sum,
+                "peak_memory_mb": memory.peak_mb,
+                "peak_memory_by_process_mb": memory.breakdown,
+                "experiment": experiment,
+                "overrides": overrides or {},
+                "variant": label,
+                "app_commit": _commit_of(variants[label]),
+            }
+            print(f"  {name}: {json.dumps(row)}", flush=True)
+            rows.append(row)
     return {"rows": rows}
 
 
 def _commit_of(folder: Path) -> str:
-    """The short commit of a checkout (with ``+`` when its tracked files are modified)."""
+    """The short commit of a checkout (with ``+`` when the app's tracked files, those a run
+    ships, are modified; the bench's own writes to ``docs/`` do not count).
+    """
     import subprocess
 
     head = subprocess.run(
@@ -565,7 +568,21 @@ def _commit_of(folder: Path) -> str:
         check=False,
     ).stdout.strip()
     dirty = subprocess.run(
-        ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+        [
+            "git",
+            "-C",
+            str(folder),
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "fml_flower",
+            "strategies",
+            "client_app",
+            "server_app",
+            "conf",
+            "pyproject.toml",
+        ],
         capture_output=True,
         text=True,
         check=False,

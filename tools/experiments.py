@@ -156,6 +156,8 @@ def _process_name(pid: int) -> str:
     for i, word in enumerate(words[:4]):  # python [-u] <script> / -m <module>: its name
         if word == "-m" and i + 1 < len(words):
             return words[i + 1]
+        if word == "-c":  # e.g. multiprocessing's resource tracker
+            return "python -c"
         base = Path(word).name
         if base and not base.startswith(("python", "-")):
             return base
