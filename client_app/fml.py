@@ -28,7 +28,15 @@ from torch import nn
 from client_app.state import ContextStore, NodeStore
 from fml_flower.personal import PERSONAL, PersonalStore, cpu_state, load_model, save_model
 from fml_flower.settings import RoundSettings
-from fml_flower.training import Batches, as_labels, mutual_step, run_epochs, sgd
+from fml_flower.training import (
+    Batches,
+    Compute,
+    as_labels,
+    mutual_step,
+    resolve_last_batch,
+    run_epochs,
+    sgd,
+)
 from fml_flower.training import evaluate as evaluate_model
 from strategies.robust import EVAL_PREFIX, EVALUATE_BEFORE_TRAIN
 
@@ -45,9 +53,11 @@ def train(
     local: nn.Module,
     data: Batches,
     update: str = "simultaneous",
-    last_batch: str = "keep",
+    last_batch: str = "auto",
     generator: torch.Generator | None = None,
     test: Batches | None = None,
+    precision: str = "fp32",
+    memory_format: str = "auto",
 ) -> RecordDict:
     """One FML round: the reply to a training message of ``FedMutualLearning``.
 
@@ -73,8 +83,9 @@ def train(
         strategy's ``batch-size``) or a DataLoader (used as it is). Labels: any integer dtype.
     update : str (default: "simultaneous")
         ``simultaneous`` (FML) or ``sequential`` (the original DML).
-    last_batch : str (default: "keep")
-        With tensors: ``keep``, ``drop`` or ``merge`` the last incomplete batch.
+    last_batch : str (default: "auto")
+        With tensors: ``keep``, ``drop`` or ``merge`` the last incomplete batch; ``auto``
+        keeps it, except with the strategy's ``distillation="pfllib"`` (dropped, as PFLlib).
     generator : Optional[torch.Generator]
         Seeds the batch order (with tensors).
     test : Optional[tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]]
@@ -83,6 +94,11 @@ def train(
         from its second round on, the client then scores the received global model and
         its personalized model on it *before* training, as :func:`evaluate` would have
         for the previous round, and adds them to the reply prefixed ``eval.``.
+    precision : str (default: "fp32")
+        ``fp32`` or ``bf16`` (forward passes under bfloat16 autocast; weights, optimizer
+        state and losses in fp32). Slower on a CPU without native bf16 (a warning says so).
+    memory_format : str (default: "auto")
+        ``contiguous``, ``channels_last`` or ``auto`` (channels-last for bf16 on a CPU).
 
     Returns
     -------
@@ -103,13 +119,27 @@ def train(
             scored = {EVAL_PREFIX + k: v for k, v in reply["metrics"].items()}  # type: ignore[union-attr]
     meme.load_state_dict(content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     device = next(meme.parameters()).device
-    local.to(device)
+    compute = Compute.resolve(precision, memory_format, device)
+    compute.model(meme)
+    compute.model(local.to(device))
     store = _store(state)
     opt_meme = sgd(meme, s.lr, s.momentum, s.weight_decay)  # fresh momentum every round
     opt_local = sgd(local, s.lr, s.momentum, s.weight_decay)
     load_model(store, PERSONAL, local, opt_local)  # keeps this round's lr
-    step = mutual_step(local, meme, opt_local, opt_meme, s.alpha, s.beta, update)  # type: ignore[arg-type]
-    stats = run_epochs(step, data, s.batch_size, s.local_epochs, generator, last_batch)
+    distillation = s.distillation or "faithful"
+    step = mutual_step(
+        local,
+        meme,
+        opt_local,
+        opt_meme,
+        s.alpha,
+        s.beta,
+        update,
+        distillation,
+        compute,  # type: ignore[arg-type]
+    )
+    policy = resolve_last_batch(last_batch, distillation)
+    stats = run_epochs(step, data, s.batch_size, s.local_epochs, generator, policy)
     save_model(store, PERSONAL, local, opt_local)
     if isinstance(store, NodeStore):
         store.flush(s.round)

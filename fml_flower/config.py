@@ -22,6 +22,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fml_flower.models import is_known_model
+from fml_flower.settings import DISTILLATIONS
+from fml_flower.training import MEMORY_FORMATS, PRECISIONS
 
 
 def _conf_dir() -> Path:
@@ -38,7 +40,7 @@ CONF_DIR = _conf_dir()
 SOURCES = ("embedded", "local", "huggingface")
 EMBEDDED_DATASETS = ("mnist5k",)
 PARTITIONERS = ("iid", "pathological", "shard", "dirichlet")
-LAST_BATCH = ("keep", "drop", "merge")
+LAST_BATCH = ("auto", "keep", "drop", "merge")
 UPDATES = ("simultaneous", "sequential")
 PRIVACY_MODES = ("none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 AGGREGATION_RULES = ("mean", "trimmed-mean", "median", "krum", "multikrum")
@@ -165,14 +167,29 @@ class TrainConfig:
     """Optional alpha per learning-rate stage (stage k = rounds after k decays)."""
     beta_schedule: list[float] = field(default_factory=list)
     """Optional beta per learning-rate stage, e.g. [0.1, 0.5, 0.9]."""
-    last_batch: str = "keep"
-    """What an epoch does with its last, incomplete batch: ``keep`` (a step on the
+    last_batch: str = "auto"
+    """What an epoch does with its last, incomplete batch: ``auto`` (``keep``, except with
+    ``distillation: pfllib``, which drops it as PFLlib does), ``keep`` (a step on the
     remainder, however small), ``drop`` (no step on it; those examples are seen in other
     epochs, the order being reshuffled) or ``merge`` (into the previous batch, one step on
     up to ``2 x batch_size - 1`` examples). A client with fewer examples than one batch
     always takes one step on all of them."""
     update: str = "simultaneous"
     """FML: ``simultaneous`` (both models step on the same batch) or ``sequential`` (DML)."""
+    distillation: str = "faithful"
+    """FML's loss: ``faithful`` (the paper and the authors' code: KL with ``batchmean``, the
+    partner detached) or ``pfllib`` (PFLlib's ``clientFML``: KL averaged over classes too,
+    the partner not detached, gradient norms clipped at 10, the last incomplete batch
+    dropped, memes averaged uniformly). See ``fml_flower.training.DISTILLATIONS``."""
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: forward passes (training and evaluation) under bfloat16
+    autocast on CPU or CUDA; weights, optimizer state, losses and metrics stay fp32. On a
+    CPU without native bf16 (AVX-512 BF16/AMX) bf16 is emulated and much slower (a
+    warning says so). bf16 numbers count where a parity run says so (BENCHMARKS.md)."""
+    memory_format: str = "auto"
+    """Convolution weights and inputs: ``contiguous``, ``channels_last`` or ``auto``
+    (channels-last for bf16 on a CPU, where it was measured faster for every CNN;
+    contiguous otherwise). ``python -m tools.bench precision`` measures your machine."""
     proximal_mu: float = 0.01
     """FedProx: weight of the proximal term."""
     ditto_lambda: float = 0.1
@@ -628,6 +645,20 @@ def validate(cfg: FMLConfig) -> None:
     )
     _check_choice(t.update, "train.update", UPDATES)
     _check_choice(t.last_batch, "train.last_batch", LAST_BATCH)
+    _check_choice(t.precision, "train.precision", PRECISIONS)
+    _check_choice(t.memory_format, "train.memory_format", MEMORY_FORMATS)
+    _check_choice(t.distillation, "train.distillation", DISTILLATIONS)
+    _check(
+        t.distillation == "faithful" or t.method == "fml",
+        "train.distillation",
+        f"'{t.distillation}' is a loss of FML; train.method={t.method} has no distillation",
+    )
+    _check(
+        t.distillation == "faithful" or t.update == "simultaneous",
+        "train.distillation",
+        f"'{t.distillation}' is PFLlib's simultaneous step; it cannot be used with "
+        f"train.update={t.update}",
+    )
     _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.lr > 0, "train.lr", "must be > 0")
@@ -690,10 +721,15 @@ def validate(cfg: FMLConfig) -> None:
 
 
 def weighting_of(cfg: FMLConfig) -> str:
-    """``aggregation.weighting`` resolved: ``examples`` or ``uniform``."""
+    """``aggregation.weighting`` resolved: ``examples`` or ``uniform`` (``auto``: uniform
+    with differential privacy or PFLlib's distillation, whose server averages memes
+    uniformly; examples otherwise).
+    """
     if cfg.aggregation.weighting != "auto":
         return cfg.aggregation.weighting
-    return "uniform" if cfg.privacy.mode != "none" else "examples"
+    if cfg.privacy.mode != "none" or cfg.train.distillation == "pfllib":
+        return "uniform"
+    return "examples"
 
 
 def validate_privacy(cfg: FMLConfig) -> None:

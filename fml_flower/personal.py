@@ -103,8 +103,13 @@ def architecture_signature(model: nn.Module | dict[str, torch.Tensor]) -> str:
 
 
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of ``model``'s state dict."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    """A detached, contiguous CPU copy of ``model``'s state dict (whatever the model's
+    memory format).
+    """
+    return {
+        k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for k, v in model.state_dict().items()
+    }
 
 
 class NonFiniteModel(FloatingPointError):

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+DISTILLATIONS = ("faithful", "pfllib")
+"""FML's two losses (``fml_flower.training.DISTILLATIONS`` documents them)."""
+
 Schedule = float | Callable[[int], float]
 """A constant, or a function of the (absolute, 1-based) round number."""
 
@@ -23,10 +26,11 @@ CONFIG_KEYS = {
     "round": "round",
     "alpha": "alpha",
     "beta": "beta",
+    "distillation": "distillation",
 }
-"""Field of :class:`RoundSettings` -> key in the training ConfigRecord. ``alpha``/``beta``
-are sent by FML's strategy only; ``round`` is the absolute round (it continues after a
-resume, where Flower's ``server-round`` restarts at 1)."""
+"""Field of :class:`RoundSettings` -> key in the training ConfigRecord. ``alpha``,
+``beta`` and ``distillation`` are sent by FML's strategy only; ``round`` is the absolute
+round (it continues after a resume, where Flower's ``server-round`` restarts at 1)."""
 
 
 def value_at(schedule: Schedule, server_round: int) -> float:
@@ -68,6 +72,9 @@ class RoundSettings:
     """FML: weight of the labels in the personalized model's loss (None: not FML)."""
     beta: float | None = None
     """FML: weight of the labels in the meme's loss."""
+    distillation: str | None = None
+    """FML: the mutual-learning loss, ``faithful`` or ``pfllib`` (None: not sent, which a
+    client reads as ``faithful``)."""
     extra: dict[str, float | int | str | bool] = field(default_factory=dict)
     """Method-specific values (e.g. FedProx's ``proximal-mu``), by their config key."""
 
@@ -86,6 +93,10 @@ class RoundSettings:
             value = getattr(self, name)
             if value is not None:
                 check_range(name, value, 0.0, 1.0)
+        if self.distillation is not None and self.distillation not in DISTILLATIONS:
+            raise ValueError(
+                f"distillation must be one of {DISTILLATIONS}, got {self.distillation!r}"
+            )
 
     def to_config(self) -> dict[str, float | int | str | bool]:
         """The values as ConfigRecord entries (keys of :data:`CONFIG_KEYS`)."""
@@ -128,5 +139,6 @@ class RoundSettings:
             round=int(config.get("round", server_round)),  # type: ignore[arg-type]
             alpha=float(config["alpha"]) if "alpha" in config else None,  # type: ignore[arg-type]
             beta=float(config["beta"]) if "beta" in config else None,  # type: ignore[arg-type]
+            distillation=str(config["distillation"]) if "distillation" in config else None,
             extra={k: v for k, v in config.items() if k not in known},  # type: ignore[misc]
         )

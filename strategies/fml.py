@@ -8,7 +8,7 @@ from logging import INFO
 
 from flwr.common.logger import log
 
-from fml_flower.settings import RoundSettings, Schedule, value_at
+from fml_flower.settings import DISTILLATIONS, RoundSettings, Schedule, value_at
 from strategies.aggregators import Aggregator
 from strategies.robust import Participation, RobustFedAvg
 
@@ -28,7 +28,7 @@ class FedMutualLearning(RobustFedAvg):
 
     The constructor is the single source of truth for what clients train with: every
     training ConfigRecord carries ``lr``, ``local-epochs``, ``batch-size``, ``momentum``,
-    ``weight-decay``, ``alpha``, ``beta``, ``round`` and ``server-round``
+    ``weight-decay``, ``alpha``, ``beta``, ``distillation``, ``round`` and ``server-round``
     (:data:`fml_flower.settings.CONFIG_KEYS`). :func:`client_app.fml.train` reads exactly
     these.
 
@@ -42,6 +42,12 @@ class FedMutualLearning(RobustFedAvg):
         Weight of the cross-entropy in the meme's loss; ``1 - beta`` weights the KL
         divergence to the personalized model's predictions (e.g. ``lambda r: 0.1 if r <=
         10 else 0.5`` for the authors' dynamic balancing).
+    distillation : str (default: "faithful")
+        The mutual-learning loss the clients use: ``"faithful"`` (the paper and the
+        authors' code: KL summed over classes, averaged over the batch, the partner
+        detached) or ``"pfllib"`` (PFLlib's ``clientFML``: KL averaged over classes too,
+        the partner not detached, gradient norms clipped at 10, the last incomplete batch
+        dropped; its server averages memes uniformly, which ``weighting=None`` follows).
     lr : float | Callable[[int], float] (default: 0.01)
         SGD learning rate of both models: a constant or a function of the round.
     local_epochs : int (default: 1)
@@ -71,9 +77,10 @@ class FedMutualLearning(RobustFedAvg):
         How the memes are combined: ``None`` is the weighted mean (FedAvg); a robust rule
         from :mod:`strategies.aggregators` (``TrimmedMean``, ``Median``, ``Krum``,
         ``MultiKrum``) bounds what one poisoned meme can do.
-    weighting : str (default: "examples")
+    weighting : Optional[str] (default: None)
         ``"examples"`` or ``"uniform"`` averaging weights (differential privacy needs
-        uniform ones; see :func:`strategies.privacy.differential_privacy`).
+        uniform ones; see :func:`strategies.privacy.differential_privacy`). ``None``:
+        ``"examples"``, or ``"uniform"`` with ``distillation="pfllib"`` (as PFLlib).
     participation : Optional[Callable[[int, list[int]], list[int]]] (default: None)
         ``(server_round, connected node ids) -> node ids that may be sampled``.
     evaluate_in_train : bool (default: False)
@@ -99,6 +106,7 @@ class FedMutualLearning(RobustFedAvg):
         *,
         alpha: Schedule = 0.5,
         beta: Schedule = 0.5,
+        distillation: str = "faithful",
         lr: Schedule = 0.01,
         local_epochs: int = 1,
         batch_size: int = 32,
@@ -112,7 +120,7 @@ class FedMutualLearning(RobustFedAvg):
         min_replies: int = 1,
         private_keys: Sequence[str] = (),
         aggregator: Aggregator | None = None,
-        weighting: str = "examples",
+        weighting: str | None = None,
         participation: Participation | None = None,
         evaluate_in_train: bool = False,
         node_wait: float | None = None,
@@ -121,8 +129,13 @@ class FedMutualLearning(RobustFedAvg):
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
     ) -> None:
+        if distillation not in DISTILLATIONS:
+            raise ValueError(f"distillation must be one of {DISTILLATIONS}, got {distillation!r}")
         self.alpha = alpha
         self.beta = beta
+        self.distillation = distillation
+        if weighting is None:
+            weighting = "uniform" if distillation == "pfllib" else "examples"
         super().__init__(
             lr=lr,
             local_epochs=local_epochs,
@@ -151,7 +164,10 @@ class FedMutualLearning(RobustFedAvg):
         """The base settings plus this round's ``alpha`` and ``beta``."""
         base = super().settings(server_round)
         return replace(
-            base, alpha=value_at(self.alpha, base.round), beta=value_at(self.beta, base.round)
+            base,
+            alpha=value_at(self.alpha, base.round),
+            beta=value_at(self.beta, base.round),
+            distillation=self.distillation,
         )
 
     def summary(self) -> None:

@@ -117,7 +117,7 @@ def test_run_config_overrides_and_empty_means_unset() -> None:
             {"train.alpha_schedule": "[0.1, 0.5, 0.9]", "train.lr_decay_every": 5},
             r"train.alpha_schedule: .* has 3 values but federation.num_rounds=10 .* 2 stage",
         ),
-        ({"train.last_batch": "pad"}, r"train.last_batch: 'pad' is not one of \['keep', 'drop'"),
+        ({"train.last_batch": "pad"}, r"train.last_batch: 'pad' is not one of \['auto', 'keep'"),
         ({"data.partitioner": "shard", "data.shards_per_client": 0}, r"shards_per_client"),
         ({"train.method": "fedper", "model.private_patterns": "[x]"}, r"not supported by"),
         ({"federation.num_rounds": 0}, r"federation.num_rounds: must be >= 1"),
@@ -260,3 +260,19 @@ def test_keys_naming_clients_that_do_not_exist_are_refused() -> None:
     late = load_config("base", {"federation.join_round": "{3: 2}"})
     with pytest.raises(ConfigError, match=r"federation\.join_round: partition ids \[3\]"):
         check_partition_ids(late, 3)
+
+
+def test_distillation_and_precision_keys_are_checked() -> None:
+    from fml_flower.config import weighting_of
+
+    cfg = load_config("base", {"train.distillation": "pfllib"})
+    assert weighting_of(cfg) == "uniform"  # PFLlib's server averages memes uniformly
+    assert weighting_of(load_config("base")) == "examples"
+    with pytest.raises(ConfigError, match=r"train.distillation: 'pfllib' is a loss of FML"):
+        load_config("base", {"train.distillation": "pfllib", "train.method": "fedavg"})
+    with pytest.raises(ConfigError, match=r"train.distillation: .* train.update=sequential"):
+        load_config("base", {"train.distillation": "pfllib", "train.update": "sequential"})
+    with pytest.raises(ConfigError, match=r"train.precision: 'fp16' is not one of"):
+        load_config("base", {"train.precision": "fp16"})
+    with pytest.raises(ConfigError, match=r"train.memory_format: 'nhwc' is not one of"):
+        load_config("base", {"train.memory_format": "nhwc"})

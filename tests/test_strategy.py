@@ -103,6 +103,7 @@ def test_configure_train_sends_exactly_the_constructor_values() -> None:
         "round": 3,
         "alpha": 0.3,
         "beta": 0.9,
+        "distillation": "faithful",
         "server-round": 2,
     }
     # what the client reads back is what the strategy says it sends
@@ -309,3 +310,13 @@ def test_every_client_failing_the_same_way_stops_the_run_with_their_reasons() ->
     mixed = [*same[:2], _reply(3, None, None, error="<class 'RuntimeError'>:<'out of memory'>")]
     assert strategy.aggregate_train(2, mixed) == (None, None)  # keeps going, drops counted
     assert len(strategy.round_log(2).train_dropped) == 3
+
+
+def test_pfllib_distillation_is_sent_and_averages_uniformly() -> None:
+    strategy = FedMutualLearning(distillation="pfllib")
+    assert strategy.weighting == "uniform"
+    assert strategy.settings(1).distillation == "pfllib"
+    assert FedMutualLearning(distillation="pfllib", weighting="examples").weighting == "examples"
+    assert FedMutualLearning().weighting == "examples"
+    with pytest.raises(ValueError, match="distillation must be one of"):
+        FedMutualLearning(distillation="kl")

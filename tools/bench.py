@@ -8,6 +8,7 @@
     python -m tools.bench deploy --before <dir>   # (5) loopback deployment, before/after
     python -m tools.bench deploy --evaluation     # (5) separate vs in-train evaluation
     python -m tools.bench deploy --baseline <dir> # (5) an older checkout, same settings
+    python -m tools.bench precision         # (8) fp32 / bf16 x memory format: epochs, rounds
     python -m tools.bench all
 
 Each part prints its table, stores its numbers in ``docs/performance/<part>.json`` and
@@ -43,7 +44,14 @@ from torch import nn
 
 from fml_flower.config import CONF_DIR, FMLConfig, load_config
 from fml_flower.models import build_model, resolve_device
-from fml_flower.training import mutual_learning_epoch, sgd
+from fml_flower.training import (
+    Compute,
+    cpu_has_native_bf16,
+    evaluate,
+    mutual_learning_epoch,
+    sgd,
+    supervised_epoch,
+)
 
 ROOT = CONF_DIR.parent
 DOC = ROOT / "docs" / "performance.md"
@@ -251,6 +259,123 @@ def bench_epoch(
         )
         rows.append(row)
     return {"device": str(device), "threads": torch.get_num_threads(), "rows": rows}
+
+
+# ------------------------------------------------------- (8): precision and memory format
+
+PRECISION_MODES = {
+    "fp32": Compute("fp32", False),
+    "fp32+cl": Compute("fp32", True),
+    "bf16": Compute("bf16", False),
+    "bf16+cl": Compute("bf16", True),
+}
+"""The compared settings: precision, and ``+cl`` for channels-last convolutions."""
+
+PRECISION_CASES = [
+    EpochCase("P1 MNIST cnn, batch 32", "p1", {}, 1024),
+    EpochCase("P2 CIFAR-10 cnn-unpadded, batch 64", "p2", {}, 1024),
+]
+
+
+def bench_precision(
+    data_root: str, repeats: int, modes: list[str], max_samples: int | None
+) -> dict[str, Any]:
+    """Training throughput (images/s, one thread by default) of FML's step (two models)
+    and a single-model step (FedAvg, local) in each of ``modes``, for P1's ``cnn`` and
+    P2's ``cnn-unpadded`` on client 0's real data; the modes alternate, ``repeats`` timed
+    passes each after one warm-up, medians quoted. Evaluation throughput is timed too.
+    """
+    rows = []
+    for case in PRECISION_CASES:
+        cfg = load_config(case.experiment, {**case.overrides, "data.root": data_root})
+        x, y, info = _client0(cfg, cfg.federation.min_nodes)
+        cap = max_samples if max_samples is not None else case.max_samples_cpu
+        if cap:
+            x, y = x[:cap], y[:cap]
+        t = cfg.train
+        arch = cfg.model.meme
+        for kind in ("fml", "single"):
+            runs: dict[str, list[float]] = {m: [] for m in modes}
+            evals: dict[str, list[float]] = {m: [] for m in modes}
+            for rep in range(repeats + 1):
+                order = modes if rep % 2 == 0 else list(reversed(modes))
+                for mode in order:
+                    compute = PRECISION_MODES[mode]
+                    local = compute.model(build_model(arch, info.input_shape, 10, seed=1))
+                    meme = compute.model(build_model(arch, info.input_shape, 10, seed=2))
+                    gen = torch.Generator().manual_seed(rep)
+                    opt_l = sgd(local, t.lr, t.momentum, t.weight_decay)
+                    t0 = time.perf_counter()
+                    if kind == "fml":
+                        opt_m = sgd(meme, t.lr, t.momentum, t.weight_decay)
+                        mutual_learning_epoch(
+                            local,
+                            meme,
+                            opt_l,
+                            opt_m,
+                            (x, y),
+                            t.batch_size,
+                            0.5,
+                            0.5,
+                            generator=gen,
+                            compute=compute,
+                        ).means()
+                    else:
+                        supervised_epoch(
+                            local, opt_l, (x, y), t.batch_size, gen, compute=compute
+                        ).means()
+                    train_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    evaluate(local, x, y, compute=compute)
+                    eval_s = time.perf_counter() - t0
+                    if rep > 0:
+                        runs[mode].append(len(y) / train_s)
+                        evals[mode].append(len(y) / eval_s)
+            base = statistics.median(runs[modes[0]])
+            for mode in modes:
+                row = {
+                    "case": case.name,
+                    "step": "FML (two models)" if kind == "fml" else "one model",
+                    "mode": mode,
+                    "samples": len(y),
+                    "train_ips": statistics.median(runs[mode]),
+                    "train_runs_ips": runs[mode],
+                    "eval_ips": statistics.median(evals[mode]),
+                    "speedup_vs_first": statistics.median(runs[mode]) / base,
+                    "repeats": repeats,
+                }
+                print(
+                    f"  {case.name}, {row['step']}, {mode}: train {row['train_ips']:.0f}/s "
+                    f"(x{row['speedup_vs_first']:.2f}), eval {row['eval_ips']:.0f}/s",
+                    flush=True,
+                )
+                rows.append(row)
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
+        "rows": rows,
+    }
+
+
+def bench_precision_rounds(data_root: str, rounds: int, modes: list[str]) -> dict[str, Any]:
+    """Whole rounds of P1 (20 clients) and P2 (10 clients) through the simulation engine
+    (two workers, one per core), FML, once per mode in ``modes``.
+    """
+    rows = []
+    for experiment, clients in (("p1", 20), ("p2", 10)):
+        for mode in modes:
+            compute = PRECISION_MODES[mode]
+            overrides = {
+                "train.precision": compute.precision,
+                "train.memory_format": "channels_last" if compute.channels_last else "contiguous",
+            }
+            result = bench_simulation(
+                data_root, rounds, clients, 1.0, [1], [0.1], experiment, overrides
+            )
+            for row in result["rows"]:
+                rows.append({**row, "mode": mode})
+    return {"rows": rows}
 
 
 # ------------------------------------------------------------------ (6): the round floor
@@ -837,6 +962,46 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
                 f"| {_fmt(r['overhead_median_s'])} |"
             )
         out.append("")
+    for name in sorted(k for k in parts if k == "precision" or k.startswith("precision-")):
+        p, res = parts[name], parts[name]["result"]
+        if name.startswith("precision-rounds"):
+            out += [
+                f"### (8) Whole FML rounds by precision and memory format (`{name}`)",
+                "",
+                f"{p['date']}, {p['machine']}. Simulation, two workers (one per core). "
+                f"Command: `{p['command']}`",
+                "",
+                "| protocol | mode | rounds | round wall median (s) | client compute median (s) "
+                "| vs the first mode |",
+                "|---|---|---|---|---|---|",
+            ]
+            firsts: dict[str, float] = {}
+            for r in res["rows"]:
+                first = firsts.setdefault(r["experiment"], r["round_wall_median_s"])
+                out.append(
+                    f"| {r['experiment'].upper()} | {r['mode']} | {r['rounds']} "
+                    f"| {_fmt(r['round_wall_median_s'])} | {_fmt(r['client_compute_median_s'])} "
+                    f"| {r['round_wall_median_s'] / first:.2f}x |"
+                )
+            out.append("")
+            continue
+        out += [
+            f"### (8) Training throughput by precision and memory format (`{name}`)",
+            "",
+            f"{p['date']}, {p['machine']}, {res['threads']} torch thread(s), CPU capability "
+            f"{res['cpu_capability']}, native bf16: {res['native_bf16']}. Images per second "
+            "(median of the timed passes; +cl = channels-last). Command: "
+            f"`{p['command']}`",
+            "",
+            "| case | step | mode | train (img/s) | vs fp32 | eval (img/s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in res["rows"]:
+            out.append(
+                f"| {r['case']} | {r['step']} | {r['mode']} | {r['train_ips']:.0f} "
+                f"| {r['speedup_vs_first']:.2f}x | {r['eval_ips']:.0f} |"
+            )
+        out.append("")
     return "\n".join(out)
 
 
@@ -875,7 +1040,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "part",
-        choices=["epoch", "sim", "sim100", "floor", "crossdevice", "deploy", "all", "report"],
+        choices=[
+            "epoch",
+            "sim",
+            "sim100",
+            "floor",
+            "crossdevice",
+            "deploy",
+            "precision",
+            "precision-rounds",
+            "all",
+            "report",
+        ],
         help="report: only rewrite docs/performance.md from the stored parts",
     )
     parser.add_argument(
@@ -897,6 +1073,11 @@ def main(argv: list[str] | None = None) -> int:
         "--cases", default="", help="epoch part: comma-separated case name parts, e.g. P1"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--modes",
+        default="fp32,fp32+cl,bf16,bf16+cl",
+        help=f"precision parts: comma-separated of {list(PRECISION_MODES)} (first = reference)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the stored part's name")
     parser.add_argument(
         "--rounds", type=int, default=None, help="rounds per run (sim 3, sim100 5, deploy 5)"
@@ -934,9 +1115,15 @@ def main(argv: list[str] | None = None) -> int:
     data_root = str(Path(args.data_root).resolve())
     if args.threads:
         torch.set_num_threads(args.threads)
-    needs_data = args.part in ("sim", "sim100", "floor", "crossdevice", "all") or (
-        args.part == "epoch" and args.tensor_cache is None
-    )
+    needs_data = args.part in (
+        "sim",
+        "sim100",
+        "floor",
+        "crossdevice",
+        "all",
+        "precision",
+        "precision-rounds",
+    ) or (args.part == "epoch" and args.tensor_cache is None)
     if needs_data and not Path(data_root, "mnist").is_dir():
         parser.error(f"--data-root: no mnist folder in {data_root} (see ../shared/data/README.md)")
     if args.part == "report":
@@ -945,6 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m tools.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     cpus = [int(c) for c in args.client_cpus.split(",")]
     polls = [float(p) for p in args.poll_intervals.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
     todo = ["epoch", "sim", "sim100", "deploy"] if args.part == "all" else [args.part]
     for part in todo:
         print(f"== {part}", flush=True)
@@ -966,6 +1154,12 @@ def main(argv: list[str] | None = None) -> int:
             archs = [a for a in args.archs.split(",") if a]
             base = args.baseline.resolve() if args.baseline else None
             result = bench_round_floor(data_root, archs, args.rounds or 3, args.rounds or 3, base)
+        elif part in ("precision", "precision-rounds") and not set(modes) <= set(PRECISION_MODES):
+            parser.error(f"--modes: {modes} not all of {list(PRECISION_MODES)}")
+        elif part == "precision":
+            result = bench_precision(data_root, args.repeats, modes, args.max_samples)
+        elif part == "precision-rounds":
+            result = bench_precision_rounds(data_root, args.rounds or 1, modes)
         elif part == "crossdevice":
             counts = [int(c) for c in args.clients.split(",") if c]
             result = bench_cross_device(data_root, args.rounds or 10, counts)

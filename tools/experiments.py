@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import yaml
 
 from fml_flower.config import CONF_DIR, ConfigError, load_config, read_run_config
+from tools.bench import machine
 from tools.launch import run_app, run_status, simulation_superlink
 
 ROOT = CONF_DIR.parent
@@ -39,6 +41,8 @@ class RunSpec:
     experiment: str
     overrides: dict[str, Any] = field(default_factory=dict)
     supernodes: int = 2
+    num_cpus: int = 1
+    """Each simulated client's CPU share: cores / num_cpus clients train at once."""
 
 
 def load_sweep(name: str, conf_dir: Path = CONF_DIR) -> list[RunSpec]:
@@ -49,13 +53,16 @@ def load_sweep(name: str, conf_dir: Path = CONF_DIR) -> list[RunSpec]:
         raise ConfigError(f"sweep: no file {path}; available: {known}")
     spec = yaml.safe_load(path.read_text()) or {}
     supernodes = int(spec.get("supernodes", 2))
+    num_cpus = int(spec.get("num_cpus", 1))
+    common = dict(spec.get("overrides", {}))  # every run's, under its own
     runs = []
     for item in spec.get("runs", []):
         run = RunSpec(
             item["name"],
             item.get("experiment", "base"),
-            dict(item.get("overrides", {})),
+            {**common, **dict(item.get("overrides", {}))},
             int(item.get("supernodes", supernodes)),
+            int(item.get("num_cpus", num_cpus)),
         )
         load_config(run.experiment, run.overrides)  # fail before anything runs
         runs.append(run)
@@ -164,9 +171,15 @@ def _process_name(pid: int) -> str:
     return Path(words[0]).name
 
 
-def run_sweep(name: str, out: Path, only: list[str] | None = None) -> Path:
-    """Run (or resume) sweep ``name``; return its folder under ``out``."""
+def run_sweep(
+    name: str, out: Path, only: list[str] | None = None, num_cpus: int | None = None
+) -> Path:
+    """Run (or resume) sweep ``name``; return its folder under ``out``. ``num_cpus``
+    overrides the sweep's CPU share per simulated client.
+    """
     runs = [r for r in load_sweep(name) if not only or r.name in only]
+    if num_cpus is not None:
+        runs = [replace(r, num_cpus=num_cpus) for r in runs]
     sweep_dir = (out / name).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     todo = [r for r in runs if not is_complete(sweep_dir / r.name)]
@@ -199,7 +212,15 @@ def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pi
         "output.run_name": run.name,
     }
     with PeakMemory(pid) as memory:
-        proc = run_app(ROOT, flwr_home, connection, run_config, run.supernodes, timeout=6 * 3600)
+        proc = run_app(
+            ROOT,
+            flwr_home,
+            connection,
+            run_config,
+            run.supernodes,
+            timeout=6 * 3600,
+            num_cpus=run.num_cpus,
+        )
     (sweep_dir / f".{run.name}.log").write_text(proc.stdout + proc.stderr)
     status = sorted(run_status(flwr_home, connection), key=lambda r: r.get("pending-at", ""))
     if proc.returncode != 0 or not is_complete(run_dir):
@@ -209,13 +230,40 @@ def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pi
         )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["run"].update(
-        wall_seconds=time.monotonic() - t0, peak_memory_mb=memory.peak_mb, supernodes=run.supernodes
+        wall_seconds=time.monotonic() - t0,
+        peak_memory_mb=memory.peak_mb,
+        supernodes=run.supernodes,
+        client_num_cpus=run.num_cpus,
+        **code_version(ROOT),
+        machine=machine(),
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(
         f"  {run.name}: done in {time.monotonic() - t0:.0f}s, peak {memory.peak_mb:.0f} MiB",
         flush=True,
     )
+
+
+APP_PATHS = ("fml_flower", "strategies", "client_app", "server_app", "conf", "pyproject.toml")
+"""What a run executes (the FAB's content): a change elsewhere does not change a run."""
+
+
+def code_version(root: Path) -> dict[str, Any]:
+    """The commit the run's code came from (``commit``) and whether the app's files
+    differed from it (``code_modified``: a run from an uncommitted tree names the files).
+    """
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--", *APP_PATHS).splitlines()
+    except (OSError, subprocess.CalledProcessError) as err:
+        return {"commit": None, "commit_error": str(err)}
+    return {"commit": commit, "code_modified": [line[3:] for line in changed]}
 
 
 def _pct(value: float | None) -> str:
@@ -427,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", nargs="*", help="run only these run names")
     parser.add_argument(
+        "--num-cpus",
+        type=int,
+        help="CPU share of each simulated client (cores / this = clients at once); "
+        "default: the sweep file's num_cpus, else 1",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite results.md/accuracy.png from existing runs",
@@ -435,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         print(write_report(args.sweep, (args.out / args.sweep).resolve(), load_sweep(args.sweep)))
         return 0
-    print(run_sweep(args.sweep, args.out, args.only) / "results.md")
+    print(run_sweep(args.sweep, args.out, args.only, args.num_cpus) / "results.md")
     return 0
 
 

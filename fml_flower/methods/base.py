@@ -30,7 +30,16 @@ from fml_flower.personal import (
 )
 from fml_flower.settings import RoundSettings
 from fml_flower.tensors import ClientData, DatasetInfo, TensorSplit
-from fml_flower.training import EpochStats, Step, evaluate, run_epochs, sgd
+from fml_flower.training import (
+    FP32,
+    Compute,
+    EpochStats,
+    Step,
+    evaluate,
+    resolve_last_batch,
+    run_epochs,
+    sgd,
+)
 
 State = dict[str, torch.Tensor]
 
@@ -65,11 +74,20 @@ class ClientRound:
         """This client's own architecture (``model.local``, or its per-client override)."""
         return self.cfg.model.local_per_client.get(self.partition_id, self.cfg.model.local)
 
+    @property
+    def compute(self) -> Compute:
+        """This client's precision and memory format (``train.precision``,
+        ``train.memory_format`` resolved for its device).
+        """
+        t = self.cfg.train
+        return Compute.resolve(t.precision, t.memory_format, self.device)
+
     def build(self, arch: str, seed: int | None = None) -> nn.Module:
-        """A new model of ``arch`` for this client's data, on its device."""
-        return build_model(arch, self.info.input_shape, self.info.num_classes, seed=seed).to(
-            self.device
-        )
+        """A new model of ``arch`` for this client's data, on its device, in its memory
+        format.
+        """
+        model = build_model(arch, self.info.input_shape, self.info.num_classes, seed=seed)
+        return self.compute.model(model.to(self.device))
 
     def generator(self) -> torch.Generator:
         """The batch-order generator of this client and round."""
@@ -151,9 +169,13 @@ class ClientRound:
             self.settings.batch_size,
             self.settings.local_epochs,
             generator,
-            self.cfg.train.last_batch,
+            resolve_last_batch(self.cfg.train.last_batch, self.settings.distillation or "faithful"),
             stats,
         )
+
+    def scores(self, prefix: str, model: nn.Module) -> dict[str, float]:
+        """``<prefix>_acc`` and ``<prefix>_loss`` of ``model`` on this client's test part."""
+        return scores(prefix, model, self.test, self.compute)
 
     @property
     def test(self) -> TensorSplit:
@@ -168,9 +190,11 @@ def load_body(model: nn.Module, arrays: State) -> None:
         raise KeyError(f"received arrays the model does not have: {result.unexpected_keys}")
 
 
-def scores(prefix: str, model: nn.Module, split: TensorSplit) -> dict[str, float]:
+def scores(
+    prefix: str, model: nn.Module, split: TensorSplit, compute: Compute = FP32
+) -> dict[str, float]:
     """``<prefix>_acc`` and ``<prefix>_loss`` of ``model`` on ``split``."""
-    res = evaluate(model, split.x, split.y)
+    res = evaluate(model, split.x, split.y, compute=compute)
     return {f"{prefix}_acc": res.accuracy, f"{prefix}_loss": res.loss}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from fml_flower.config import FMLConfig
-from fml_flower.methods.base import ClientRound, Method, Update, as_meme_columns, scores
+from fml_flower.methods.base import ClientRound, Method, Update, as_meme_columns
 from fml_flower.training import supervised_step
 
 
@@ -26,18 +26,18 @@ def train(r: ClientRound) -> Update:
     personal, opt_personal = r.personal_model(arch, init_from_global=True)
     lam = float(r.settings.extra["ditto-lambda"])
     gen = r.generator()  # one batch order stream for both phases
-    g_stats = r.train_with(supervised_step(model, opt), gen)
-    p_stats = r.train_with(supervised_step(personal, opt_personal, lam, anchor), gen)
+    g_stats = r.train_with(supervised_step(model, opt, compute=r.compute), gen)
+    p_stats = r.train_with(supervised_step(personal, opt_personal, lam, anchor, r.compute), gen)
     r.keep(personal, opt_personal, arch)
     return r.shared_part(model), {**p_stats.means(), **as_meme_columns(g_stats)}
 
 
 def evaluate(r: ClientRound) -> dict[str, float]:
     """The global model and the personal model on the client's test part."""
-    out = scores("global", r.global_model(), r.test)
+    out = r.scores("global", r.global_model())
     personal = r.saved_personal(r.cfg.model.meme)
     if personal is not None:
-        out.update(scores("personal", personal, r.test))
+        out.update(r.scores("personal", personal))
     return out
 
 

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from fml_flower.methods.base import ClientRound, Method, Update, as_meme_columns, scores
+from fml_flower.methods.base import ClientRound, Method, Update, as_meme_columns
 from fml_flower.training import supervised_step
 
 
@@ -17,13 +17,13 @@ def train(r: ClientRound) -> Update:
     opt = r.optimizer(model)
     mu = float(r.settings.extra.get("proximal-mu", 0.0))
     anchor = [p.detach().clone() for p in model.parameters()]
-    stats = r.train(supervised_step(model, opt, proximal_mu=mu, anchor=anchor))
+    stats = r.train(supervised_step(model, opt, proximal_mu=mu, anchor=anchor, compute=r.compute))
     return r.shared_part(model), as_meme_columns(stats)
 
 
 def evaluate(r: ClientRound) -> dict[str, float]:
     """The global model, which is also each client's model."""
-    out = scores("global", r.global_model(), r.test)
+    out = r.scores("global", r.global_model())
     out.update(personal_acc=out["global_acc"], personal_loss=out["global_loss"])
     return out
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from fml_flower.config import FMLConfig
-from fml_flower.methods.base import ClientRound, Method, Update, load_body, scores
+from fml_flower.methods.base import ClientRound, Method, Update, load_body
 from fml_flower.models import head_keys
 from fml_flower.training import supervised_step
 
@@ -28,7 +28,7 @@ def train(r: ClientRound) -> Update:
     """The received body with this client's own head; only the body goes back."""
     model, head = body_with_own_head(r)
     opt = r.optimizer(model)
-    stats = r.train(supervised_step(model, opt))
+    stats = r.train(supervised_step(model, opt, compute=r.compute))
     r.keep(model, opt, r.cfg.model.meme)
     return _body(model, head), stats.means()
 
@@ -42,7 +42,7 @@ def evaluate(r: ClientRound) -> dict[str, float]:
     if r.saved_personal(r.cfg.model.meme) is None:
         return {}
     model, _ = body_with_own_head(r)
-    return scores("personal", model, r.test)
+    return r.scores("personal", model)
 
 
 def head_of(cfg: FMLConfig, meme: nn.Module) -> list[str]:

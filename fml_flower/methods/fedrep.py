@@ -38,7 +38,7 @@ def train(r: ClientRound) -> Update:
     for keys in (set(head) & names, names - set(head)):  # head first, then body
         params = _only_trainable(model, keys)
         opt = sgd(params, s.lr, s.momentum, s.weight_decay)
-        r.train_with(supervised_step(model, opt), gen, stats)
+        r.train_with(supervised_step(model, opt, compute=r.compute), gen, stats)
     for p in model.parameters():
         p.requires_grad_(True)
     r.keep(model, None, r.cfg.model.meme)  # both phases start with fresh optimizers

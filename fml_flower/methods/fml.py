@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from fml_flower.config import FMLConfig
-from fml_flower.methods.base import ClientRound, Method, Update, pattern_keys, scores
+from fml_flower.methods.base import ClientRound, Method, Update, pattern_keys
 from fml_flower.schedule import stage_schedule
 from fml_flower.training import mutual_step
 
@@ -26,7 +26,17 @@ def train(r: ClientRound) -> Update:
     s = r.settings
     if s.alpha is None or s.beta is None:
         raise ValueError("FML needs 'alpha' and 'beta' in the training config")
-    step = mutual_step(local, meme, opt_local, opt_meme, s.alpha, s.beta, r.cfg.train.update)
+    step = mutual_step(
+        local,
+        meme,
+        opt_local,
+        opt_meme,
+        s.alpha,
+        s.beta,
+        r.cfg.train.update,
+        s.distillation or "faithful",
+        r.compute,
+    )
     stats = r.train(step)
     r.keep(local, opt_local, r.local_arch)
     return r.shared_part(meme), stats.means()
@@ -36,19 +46,22 @@ def evaluate(r: ClientRound) -> dict[str, float]:
     """The received global model (with this client's private meme part) and the
     personalized model on the client's own test part.
     """
-    out = scores("global", r.global_model(), r.test)
+    out = r.scores("global", r.global_model())
     personal = r.saved_personal(r.local_arch)
     if personal is not None:
-        out.update(scores("personal", personal, r.test))
+        out.update(r.scores("personal", personal))
     return out
 
 
 def strategy_options(cfg: FMLConfig) -> dict[str, Any]:
-    """``alpha`` and ``beta``: constants, or per-round schedules tied to the lr decay."""
+    """``alpha`` and ``beta`` (constants, or per-round schedules tied to the lr decay) and
+    the ``distillation`` loss.
+    """
     t = cfg.train
     return {
         "alpha": stage_schedule(t.alpha_schedule, t.alpha, t.lr_decay_every),
         "beta": stage_schedule(t.beta_schedule, t.beta, t.lr_decay_every),
+        "distillation": t.distillation,
     }
 
 

@@ -7,14 +7,14 @@
 
 from __future__ import annotations
 
-from fml_flower.methods.base import ClientRound, Method, Update, scores
+from fml_flower.methods.base import ClientRound, Method, Update
 from fml_flower.training import supervised_step
 
 
 def train(r: ClientRound) -> Update:
     """The client's own model on its own data; nothing is sent back but metrics."""
     model, opt = r.personal_model(r.local_arch)
-    stats = r.train(supervised_step(model, opt))
+    stats = r.train(supervised_step(model, opt, compute=r.compute))
     r.keep(model, opt, r.local_arch)
     return None, stats.means()
 
@@ -22,7 +22,7 @@ def train(r: ClientRound) -> Update:
 def evaluate(r: ClientRound) -> dict[str, float]:
     """The client's own model."""
     model = r.saved_personal(r.local_arch)
-    return {} if model is None else scores("personal", model, r.test)
+    return {} if model is None else r.scores("personal", model)
 
 
 METHOD = Method(
