@@ -17,6 +17,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.errors import naming_partition
+from client_app.fml import used_settings
 from client_app.mods import attack_mod, privacy_mod, run_config_of
 from client_app.state import NodeStore
 from fml_flower.config import (
@@ -47,9 +49,11 @@ if TYPE_CHECKING:
 app = ClientApp()
 
 
-def client_config(context: Context) -> FMLConfig:
-    """The run's validated configuration with this node's overrides."""
-    cfg = run_config_of(context)
+def client_config(context: Context, msg: Message | None = None) -> FMLConfig:
+    """The run's validated configuration (the one the server sent with ``msg``, else the
+    run-config's) with this node's overrides.
+    """
+    cfg = run_config_of(context, msg)
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     return node_overrides(cfg, context)
@@ -192,7 +196,7 @@ def client_round(
     saved before, it is restored first (a resumed run: the version of the round the
     server's checkpoint holds).
     """
-    cfg = client_config(context)
+    cfg = client_config(context, msg)
     method = get_method(cfg.train.method)
     pid, n = partition_of(context)
     data, info = DATA.get(cfg, pid, n, partition_folder(cfg, context))
@@ -266,6 +270,18 @@ def train(msg: Message, context: Context) -> Message:
     """One round of the configured method on this client (the reply then passes the
     client half of ``privacy.mode`` and, in a poisoning experiment, ``attack``).
     """
+    with naming_partition(_partition_or_none(context)):
+        return _train(msg, context)
+
+
+def _partition_or_none(context: Context) -> int | None:
+    try:
+        return int(context.node_config["partition-id"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     r, method, notes, store = client_round(msg, context)
     restored = notes.get("personal_restored_from_disk") == 1.0  # a resumed run, a restarted node
@@ -278,6 +294,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state[TRAINED] = ConfigRecord({"round": r.settings.round})
     notes.update(setup_seconds=t1 - t0, train_seconds=time.perf_counter() - t1)
     reply = {**metrics, **notes, "num-examples": len(r.data.train), "partition_id": r.partition_id}
+    reply.update(used_settings(r.settings))
     reply.update(scored)
     content = RecordDict({"metrics": MetricRecord(reply)})
     if arrays is not None:
@@ -298,6 +315,11 @@ def describe(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The method's models on this client's own test part."""
+    with naming_partition(_partition_or_none(context)):
+        return _evaluate(msg, context)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     r, method, _, _ = client_round(msg, context)
     metrics: dict[str, float] = {"num-examples": len(r.test), "partition_id": r.partition_id}

@@ -6,25 +6,27 @@ In your ClientApp::
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        reply = fml_train(msg.content, context.state, meme=MemeNet(), local=MyNet(),
+        reply = fml_train(msg.content, context, meme=MemeNet(), local=MyNet(),
                           data=(x_train, y_train))
         return Message(reply, reply_to=msg)
 
 ``msg.content`` is what :class:`strategies.FedMutualLearning` sent (the global arrays and a
 ConfigRecord with ``lr``, ``local-epochs``, ``batch-size``, ``momentum``,
-``weight-decay``, ``alpha``, ``beta``, ``round``); ``context.state`` keeps the
-personalized model and its optimizer between rounds. Nothing else is needed: no
-architecture name, no learning rate, no config of your own. With many clients, pass a
-:class:`client_app.state.NodeStore` instead of ``context.state``: the models then live in
-one node-local file per client and ``context.state`` only names it.
+``weight-decay``, ``alpha``, ``beta``, ``distillation``, ``round``); ``context`` gives the
+client's partition id (named in its replies and errors) and its ``context.state``, which
+keeps the personalized model and its optimizer between rounds. Nothing else is needed: no
+architecture name, no learning rate, no config of your own. With many clients, pass
+``state=NodeStore.from_context(context)`` (:class:`client_app.state.NodeStore`): the
+models then live in one node-local file per client and ``context.state`` only names it.
 """
 
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from torch import nn
 
+from client_app.errors import naming_partition
 from client_app.state import ContextStore, NodeStore
 from fml_flower.personal import PERSONAL, PersonalStore, cpu_state, load_model, save_model
 from fml_flower.settings import RoundSettings
@@ -40,14 +42,38 @@ from fml_flower.training import (
 from fml_flower.training import evaluate as evaluate_model
 from strategies.robust import EVAL_PREFIX, EVALUATE_BEFORE_TRAIN
 
+State = Context | RecordDict | PersonalStore
+"""Where the personalized model lives: a ``Context`` (its ``context.state``), a
+``context.state``, or a store such as :class:`client_app.state.NodeStore`."""
 
-def _store(state: RecordDict | PersonalStore) -> PersonalStore:
+
+def _store(state: State) -> PersonalStore:
+    if isinstance(state, Context):
+        return ContextStore(state.state)
     return ContextStore(state) if isinstance(state, RecordDict) else state
+
+
+def _partition(state: State) -> int | None:
+    """The client's partition id, where ``state`` tells it."""
+    if isinstance(state, Context):
+        pid = state.node_config.get("partition-id")
+        return int(pid) if isinstance(pid, int | float | str) and str(pid).isdigit() else None
+    return getattr(state, "partition_id", None)
+
+
+def used_settings(s: RoundSettings) -> dict[str, float]:
+    """The round's values a client trained with, for its reply's metrics (``lr``, and FML's
+    ``alpha`` and ``beta``): recorded by the server with each client's training metrics.
+    """
+    out = {"lr": s.lr}
+    if s.alpha is not None and s.beta is not None:
+        out.update(alpha=s.alpha, beta=s.beta)
+    return out
 
 
 def train(
     content: RecordDict,
-    state: RecordDict | PersonalStore,
+    state: State,
     *,
     meme: nn.Module,
     local: nn.Module,
@@ -66,11 +92,15 @@ def train(
     content : RecordDict
         The message's content: the global arrays (``"arrays"``) and the round's config
         (``"config"``).
-    state : RecordDict | PersonalStore
-        The node's ``context.state``: the personalized model and its optimizer state are
-        restored from it (created on the first round) and stored back. Or a
-        :class:`client_app.state.NodeStore` (the state in a node-local file, written at the
-        end of this call; ``context.state`` then holds only its name and checksum).
+    state : Context | RecordDict | PersonalStore
+        The node's ``context`` (or its ``context.state``): the personalized model and its
+        optimizer state are restored from ``context.state`` (created on the first round)
+        and stored back; with the context, the client's partition id (node config
+        ``partition-id``) goes into the reply's metrics (``partition_id``, the key of the
+        server's per-client results) and into any error it raises. Or
+        ``NodeStore.from_context(context)`` (:class:`client_app.state.NodeStore`: the state
+        in a node-local file, written at the end of this call; ``context.state`` then holds
+        only its name and checksum).
     meme : nn.Module
         A model of the global architecture; it receives the global weights and gets a
         fresh optimizer.
@@ -104,8 +134,48 @@ def train(
     -------
     RecordDict
         ``"arrays"``: the meme's state dict (parameters and buffers) only; ``"metrics"``:
-        ``num-examples`` and the mean training losses and accuracies of both models.
+        ``num-examples``, the mean training losses and accuracies of both models,
+        ``meme_nonfinite_batches`` (batches whose meme predictions were NaN/Inf: trained
+        on the labels alone), the ``lr``/``alpha``/``beta`` it used and ``partition_id``.
+
+    Raises
+    ------
+    Exception
+        Any error of the round; when the partition id is known, its message starts with
+        ``partition <i>: <ExceptionType>:`` (the server shows it in one line). E.g. models
+        whose outputs differ in size, or labels beyond them, raise ``ValueError`` on the
+        first batch, before any step.
     """
+    with naming_partition(_partition(state)):
+        return _train(
+            content,
+            state,
+            meme=meme,
+            local=local,
+            data=data,
+            update=update,
+            last_batch=last_batch,
+            generator=generator,
+            test=test,
+            precision=precision,
+            memory_format=memory_format,
+        )
+
+
+def _train(
+    content: RecordDict,
+    state: State,
+    *,
+    meme: nn.Module,
+    local: nn.Module,
+    data: Batches,
+    update: str,
+    last_batch: str,
+    generator: torch.Generator | None,
+    test: Batches | None,
+    precision: str,
+    memory_format: str,
+) -> RecordDict:
     s = RoundSettings.from_config(content["config"], fml=True)  # type: ignore[arg-type]
     scored: dict[str, float | int] = {}
     if content["config"].get(EVALUATE_BEFORE_TRAIN):  # type: ignore[union-attr]
@@ -143,13 +213,18 @@ def train(
     save_model(store, PERSONAL, local, opt_local)
     if isinstance(store, NodeStore):
         store.flush(s.round)
-    metrics = {**stats.means(), "num-examples": stats.examples // s.local_epochs, **scored}
+    metrics = {**stats.means(), "num-examples": stats.examples // s.local_epochs}
+    metrics.update(used_settings(s))
+    pid = _partition(state)
+    if pid is not None:
+        metrics["partition_id"] = pid
+    metrics.update(scored)
     return RecordDict({"arrays": ArrayRecord(cpu_state(meme)), "metrics": MetricRecord(metrics)})
 
 
 def evaluate(
     content: RecordDict,
-    state: RecordDict | PersonalStore,
+    state: State,
     *,
     meme: nn.Module,
     local: nn.Module,
@@ -157,8 +232,25 @@ def evaluate(
 ) -> RecordDict:
     """The reply to an evaluation message: the global model and (once this client has
     trained) its personalized model on ``data``, as ``global_acc``/``global_loss``,
-    ``personal_acc``/``personal_loss`` and ``num-examples``.
+    ``personal_acc``/``personal_loss`` and ``num-examples`` (and ``partition_id`` where
+    ``state`` tells it: a ``Context`` or a ``NodeStore``).
     """
+    with naming_partition(_partition(state)):
+        reply = _evaluate(content, state, meme=meme, local=local, data=data)
+    pid = _partition(state)
+    if pid is not None:
+        reply["metrics"]["partition_id"] = pid  # type: ignore[index]
+    return reply
+
+
+def _evaluate(
+    content: RecordDict,
+    state: State,
+    *,
+    meme: nn.Module,
+    local: nn.Module,
+    data: Batches,
+) -> RecordDict:
     meme.load_state_dict(content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     device = next(meme.parameters()).device
     x, y = _all(data)

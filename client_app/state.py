@@ -21,13 +21,14 @@ ServerApp removes it when the run ends: :func:`~fml_flower.personal.run_scratch_
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fml_flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fml_flower.personal import PERSONAL, SavedModel, architecture_signature
+from fml_flower.personal import PERSONAL, SavedModel, architecture_signature, run_scratch_dir
 
 
 def _keys(slot: str) -> tuple[str, str]:
@@ -131,8 +132,11 @@ class NodeStore:
         The node-local folder.
     partition_id : int
         This client's partition (its identity for the file name and the checks).
-    identity : dict[str, str]
-        What a saved state must share with this run to be continued (method, data split).
+    identity : Optional[dict[str, str]] (default: None)
+        Labels a saved file must carry for this run to continue it, e.g. ``{"method":
+        "fml", "data split": "cifar10 dirichlet 0.5, 10 clients"}``: a file written under
+        other labels is refused instead of mixing two experiments. None: no labels (the
+        partition id and the model's architecture are still checked).
     keep_previous : bool (default: True)
         Keep the version one round back (:func:`previous_file`); a run's scratch folder,
         which no later run reads, does without it (half the disk).
@@ -143,16 +147,54 @@ class NodeStore:
         state: RecordDict,
         folder: Path,
         partition_id: int,
-        identity: dict[str, str],
+        identity: dict[str, str] | None = None,
         keep_previous: bool = True,
     ) -> None:
         self.state = state
-        self.folder = folder
+        self.folder = Path(folder)
         self.partition_id = partition_id
-        self.identity = dict(identity)
+        self.identity = dict(identity or {})
         self.keep_previous = keep_previous
         self._slots: dict[str, SavedModel] | None = None
         self._dirty = False
+
+    @classmethod
+    def from_context(
+        cls,
+        context: Context,
+        folder: str | Path | None = None,
+        identity: dict[str, str] | None = None,
+        keep_previous: bool = False,
+    ) -> NodeStore:
+        """The node-local store of the client ``context`` belongs to.
+
+        The partition id is the node config's ``partition-id``. The folder: ``folder``,
+        else the node config's ``state-dir``, else this run's scratch folder
+        ``<tmp>/fml-flower-state/run-<run id>`` (:func:`run_scratch_dir`). A durable folder
+        (the first two) is continued: a file left there by an earlier run (with the same
+        ``identity``) is restored on this node's first round of the run. The scratch folder
+        is this run's alone; remove it when the run ends with :func:`remove_run_state` (in
+        simulation, from the ServerApp: every client of the run lives on that machine).
+        """
+        if "partition-id" not in context.node_config:
+            raise KeyError(
+                "NodeStore.from_context: the node config has no 'partition-id' (set it with "
+                "flower-supernode --node-config 'partition-id=<i> ...'; the simulation sets it)"
+            )
+        node_dir = context.node_config.get("state-dir")
+        chosen = folder if folder not in (None, "") else node_dir
+        durable = chosen not in (None, "")
+        where = Path(str(chosen)).expanduser() if durable else run_scratch_dir(context.run_id)
+        store = cls(
+            context.state,
+            where,
+            int(context.node_config["partition-id"]),
+            identity,
+            keep_previous=keep_previous,
+        )
+        if durable:
+            store.restore(None)
+        return store
 
     @property
     def path(self) -> Path:
@@ -266,6 +308,18 @@ class NodeStore:
             self._slots[PERSONAL] = replace(self._slots[PERSONAL], arch=arch)
         self._dirty = True  # written to this run's record at the next flush
         return bool(self._slots)
+
+
+def remove_run_state(run_id: int) -> bool:
+    """Remove run ``run_id``'s scratch folder on this machine (the folder of every
+    :class:`NodeStore` made by ``from_context`` without a durable folder); True if there was
+    one. Call it when the run ends (the project's ServerApp does).
+    """
+    folder = run_scratch_dir(run_id)
+    if not folder.exists():
+        return False
+    shutil.rmtree(folder)
+    return True
 
 
 def _recorded(state: RecordDict) -> dict[str, SavedModel]:

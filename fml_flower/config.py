@@ -50,6 +50,13 @@ ATTACKS = ("none", "scale", "random")
 OVERRIDES_KEY = "overrides"
 """Run-config key holding explicit overrides (see :func:`parse_explicit_overrides`)."""
 
+SENT_CONFIG_KEY = "fml.config"
+"""Key, in the ConfigRecord of every message the project's ServerApp sends, of the run's
+resolved configuration (YAML as UTF-8 bytes, :func:`to_yaml`; bytes, so that Flower's
+log shows ``<bytes>`` instead of the whole text): the clients use it rather than derive their
+own from the run-config (a resumed run's configuration exists only in the server's run
+folder). See :func:`config_from_yaml`."""
+
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the key."""
@@ -512,7 +519,13 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FMLConfig:
         and v != ""
         and not (k in defaults and _same(defaults[k], v))
     }
-    cfg = load_config(experiment, {**overrides, **explicit})
+    given = {**overrides, **explicit}
+    resume_from = given.get("federation.resume_from")
+    if resume_from not in (None, ""):
+        if "experiment" in run_config and not _same("base", run_config["experiment"]):
+            given["experiment"] = experiment
+        return resumed_config(str(resume_from), given)
+    cfg = load_config(experiment, given)
     if experiment != "base":  # say where a base value cannot win over the experiment file
         leaves = _schema_leaves(OmegaConf.structured(cfg))
         for key, value in run_config.items():
@@ -532,6 +545,95 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FMLConfig:
                         json.dumps(value),
                     )
     return cfg
+
+
+RESUME_MAY_CHANGE = (
+    "federation.",
+    "output.",
+    "train.device",
+    "train.torch_threads",
+    "train.precision",
+    "train.memory_format",
+)
+"""Keys a resumed run may set anew (where and how it runs); any other would change the
+experiment (method, data, models, training, privacy, aggregation, seed)."""
+
+
+def _leaves(cfg: FMLConfig) -> dict[str, Any]:
+    return _schema_leaves(OmegaConf.structured(cfg))  # type: ignore[arg-type]
+
+
+def resumed_config(folder: str, given: Mapping[str, Any]) -> FMLConfig:
+    """The configuration of a run resumed from ``folder`` (``federation.resume_from``):
+    the one recorded in ``<folder>/config.yaml``, with the keys of ``given`` that differ
+    from it laid over (only keys of :data:`RESUME_MAY_CHANGE`; another would change the
+    experiment and is refused by name). The run gets a folder of its own
+    (``output.run_name`` is not reused unless given). Logs which keys were overridden.
+    """
+    path = Path(folder).expanduser() / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"federation.resume_from: no config.yaml in {Path(folder).expanduser().resolve()} "
+            "(name the folder of the run to continue)"
+        )
+    recorded = _load_yaml(path)
+    try:
+        saved: FMLConfig = OmegaConf.to_object(  # type: ignore[assignment]
+            OmegaConf.merge(OmegaConf.structured(FMLConfig), recorded)
+        )
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"federation.resume_from: {path} does not fit the schema: {err}") from err
+    before = _leaves(saved)
+    wanted = dict(given)
+    experiment = wanted.pop("experiment", saved.experiment)
+    if experiment != saved.experiment:
+        raise ConfigError(
+            f"federation.resume_from: experiment={experiment!r} but the run in {folder} is "
+            f"{saved.experiment!r}; a resumed run continues its own experiment"
+        )
+    parsed = _leaves(_with_overrides(saved, {k: v for k, v in wanted.items()}))
+    changed = {
+        k: parsed[k]
+        for k in wanted
+        if k != "federation.resume_from" and not _same_value(before.get(k), parsed.get(k))
+    }
+    refused = sorted(k for k in changed if not k.startswith(RESUME_MAY_CHANGE))
+    if refused:
+        detail = "; ".join(f"{k}={changed[k]!r} (the run has {before.get(k)!r})" for k in refused)
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_MAY_CHANGE)
+        raise ConfigError(
+            f"federation.resume_from: {detail}: would change the experiment of {folder}. A "
+            f"resumed run takes its configuration from {path.name}; it may only set {allowed}"
+        )
+    run_name = {} if "output.run_name" in changed else {"output.run_name": ""}
+    cfg = _with_overrides(saved, {**changed, **run_name, "federation.resume_from": folder})
+    validate(cfg)
+    logging.getLogger("flwr").info(
+        "Resuming %s with its recorded configuration (%s)%s",
+        folder,
+        path,
+        "; overridden: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "",
+    )
+    return cfg
+
+
+def _with_overrides(cfg: FMLConfig, overrides: Mapping[str, Any]) -> FMLConfig:
+    """``cfg`` with dotted ``overrides`` (parsed as run-config values are)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), parse_overrides(overrides))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"federation.resume_from: {err}") from err
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, DictConfig | ListConfig):
+        a = OmegaConf.to_container(a)
+    if isinstance(b, DictConfig | ListConfig):
+        b = OmegaConf.to_container(b)
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
 
 
 def parse_explicit_overrides(text: object) -> dict[str, Any]:
@@ -790,6 +892,19 @@ def validate_privacy(cfg: FMLConfig) -> None:
         "privacy.max_epsilon",
         "a budget needs privacy.noise_multiplier > 0 (without noise epsilon is infinite)",
     )
+
+
+def config_from_yaml(text: str) -> FMLConfig:
+    """A configuration written by :func:`to_yaml`, laid over the schema and validated."""
+    try:
+        node = OmegaConf.create(text)
+        cfg: FMLConfig = OmegaConf.to_object(  # type: ignore[assignment]
+            OmegaConf.merge(OmegaConf.structured(FMLConfig), node)
+        )
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"{SENT_CONFIG_KEY}: not a configuration of this schema: {err}") from err
+    validate(cfg)
+    return cfg
 
 
 def to_yaml(cfg: FMLConfig) -> str:

@@ -8,14 +8,68 @@ constructor applies. Plain Python, no Flower import.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 DISTILLATIONS = ("faithful", "pfllib")
 """FML's two losses (``fml_flower.training.DISTILLATIONS`` documents them)."""
 
-Schedule = float | Callable[[int], float]
-"""A constant, or a function of the (absolute, 1-based) round number."""
+Schedule = float | Callable[[int], float] | Sequence[float]
+"""A constant, a function of the (absolute, 1-based) round number, or one value per round
+(a list or tuple: the first for round 1)."""
+
+
+class PerRound:
+    """A list of values, one per round (round 1 first), used as a schedule."""
+
+    def __init__(self, name: str, values: Sequence[float]) -> None:
+        if not values:
+            raise ValueError(f"{name}: an empty list gives no value for round 1")
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float)]
+        if bad:
+            raise TypeError(
+                f"{name}: every value of the per-round list must be a number, got {bad}"
+            )
+        self.name = name
+        self.values = [float(v) for v in values]
+
+    def __call__(self, server_round: int) -> float:
+        """The value of ``server_round`` (1-based)."""
+        if not 1 <= server_round <= len(self.values):
+            raise ValueError(
+                f"{self.name}: the per-round list has {len(self.values)} values, no value "
+                f"for round {server_round}"
+            )
+        return self.values[server_round - 1]
+
+    def __repr__(self) -> str:
+        return f"per round {self.values}"
+
+
+def as_schedule(name: str, value: object) -> float | Callable[[int], float]:
+    """``value`` as a schedule: a number, a callable of the round, or a list/tuple of one
+    value per round (:class:`PerRound`); anything else is a ``TypeError`` naming ``name``.
+    """
+    if isinstance(value, list | tuple):
+        return PerRound(name, value)
+    if callable(value):
+        return value  # type: ignore[return-value]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{name} must be a number, a function of the round, or a list with one value per "
+            f"round; got {type(value).__name__} {value!r}"
+        )
+    return float(value)
+
+
+def check_schedule_length(name: str, schedule: object, last_round: int) -> None:
+    """Refuse a per-round list shorter than the run (``last_round``), before round 1."""
+    if isinstance(schedule, PerRound) and len(schedule.values) < last_round:
+        raise ValueError(
+            f"{name}: the per-round list has {len(schedule.values)} values but the run has "
+            f"{last_round} rounds; give one value per round"
+        )
+
 
 CONFIG_KEYS = {
     "lr": "lr",
@@ -35,7 +89,9 @@ round (it continues after a resume, where Flower's ``server-round`` restarts at 
 
 def value_at(schedule: Schedule, server_round: int) -> float:
     """The value of ``schedule`` in ``server_round``."""
-    return float(schedule(server_round) if callable(schedule) else schedule)
+    if isinstance(schedule, list | tuple):
+        schedule = PerRound("schedule", schedule)
+    return float(schedule(server_round) if callable(schedule) else schedule)  # type: ignore[arg-type]
 
 
 def check_range(name: str, value: float, low: float, high: float | None = None) -> float:

@@ -245,6 +245,31 @@ def mutual_losses(
     return terms.local, terms.meme
 
 
+def check_outputs(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+    """Refuse, with one message naming the models, outputs that cannot be compared or
+    scored: models whose numbers of outputs differ, or labels outside ``0..outputs-1``
+    (checked on a training's first batch, before any step).
+    """
+    sizes = {name: int(z.shape[1]) if z.dim() == 2 else -1 for name, z in logits.items()}
+    if any(size < 1 for size in sizes.values()):
+        shapes = {name: tuple(z.shape) for name, z in logits.items()}
+        raise ValueError(f"the models must output (batch, classes) logits, got {shapes}")
+    low, high = int(labels.min()), int(labels.max())
+    described = ", ".join(f"the {name} model outputs {n}" for name, n in sizes.items())
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"{described}: both must output one logit per class of the data (labels here go "
+            f"up to {high}); build them with the same number of classes"
+        )
+    (classes,) = set(sizes.values())
+    if low < 0 or high >= classes:
+        raise ValueError(
+            f"labels go from {low} to {high} but {described} classes: labels must be class "
+            f"indices 0..{classes - 1}; build the models with {high + 1} outputs or fix the "
+            "labels"
+        )
+
+
 LAST_BATCH_POLICIES = ("keep", "drop", "merge")
 
 Batches = tuple[torch.Tensor, torch.Tensor] | Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -454,12 +479,17 @@ def mutual_step(
         )
     alpha, beta = check_weight("alpha", alpha), check_weight("beta", beta)
     pfllib = distillation == "pfllib"
+    checked = False
 
     def step(xb: torch.Tensor, yb: torch.Tensor, stats: EpochStats) -> None:
+        nonlocal checked
         local.train()
         meme.train()
         local_logits = compute.forward(local, xb)
         meme_logits = compute.forward(meme, xb)
+        if not checked:  # once, on the first batch: one clear message before any step
+            check_outputs({"personalized": local_logits, "meme": meme_logits}, yb)
+            checked = True
         if update == "simultaneous":
             terms = mutual_loss_terms(local_logits, meme_logits, yb, alpha, beta, distillation)
             opt_local.zero_grad(set_to_none=True)
@@ -514,10 +544,15 @@ def supervised_step(
     """
     if proximal_mu > 0 and anchor is None:
         anchor = [p.detach().clone() for p in model.parameters()]
+    checked = False
 
     def step(xb: torch.Tensor, yb: torch.Tensor, stats: EpochStats) -> None:
+        nonlocal checked
         model.train()
         logits = compute.forward(model, xb)
+        if not checked:
+            check_outputs({"trained": logits}, yb)
+            checked = True
         loss = F.cross_entropy(logits, yb)
         if proximal_mu > 0:
             loss = loss + proximal_mu / 2 * proximal_term(model, anchor)  # type: ignore[arg-type]

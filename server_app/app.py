@@ -16,11 +16,11 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import (
+    SENT_CONFIG_KEY,
     ConfigError,
     DataConfig,
     FMLConfig,
@@ -35,9 +35,9 @@ from fml_flower.results import RunRecorder, plot_run, summary_table
 from fml_flower.tensors import PreparedData
 from server_app.grid import PollingGrid
 from server_app.participants import PartitionJoins
-from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt
+from server_app.rounds import CHECKPOINT_NAME, CentralEvaluation, _fmt, coverage
 from server_app.strategy import make_private, make_strategy
-from strategies.robust import ClientsRefused
+from strategies.robust import ClientsRefused, RobustFedAvg
 
 app = ServerApp()
 
@@ -229,55 +229,109 @@ def _run_fml(grid: Grid, cfg: FMLConfig, run_id: int | None, prepare_in_child: b
         run_dir,
     )
 
-    stopped = None
+    sent = {SENT_CONFIG_KEY: to_yaml(cfg).encode()}  # the clients use it (bytes: not logged)
     central = CentralEvaluation(
-        cfg, method, data, strategy, recorder, round_offset=offset, resumed=bool(resume)
+        cfg,
+        method,
+        data,
+        strategy,
+        recorder,
+        round_offset=offset,
+        resumed=bool(resume),
+        num_clients=num_nodes,
+        sent_config=sent,
     )
     timeout = cfg.federation.round_timeout
+    stopped: str | None = None
     try:
         served.start(
             grid=grid,
             initial_arrays=ArrayRecord(cpu_state_dict(meme)),
             num_rounds=cfg.federation.num_rounds - offset,
             timeout=timeout,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
+            train_config=ConfigRecord(sent),
+            evaluate_config=ConfigRecord(sent),
             evaluate_fn=central,
         )
-    except PrivacyBudgetExhausted as err:  # a configured end, not a failure
-        stopped = f"privacy budget exhausted: {err}"
-        log(INFO, "The run stops before its next round: %s", stopped)
-        central.evaluate_last(grid, timeout)
-    except ClientsRefused:  # the clients are there: score the last round, then fail
-        try:
+        stopped = getattr(served, "stopped", None)  # a privacy budget: a configured end
+        if stopped:
             central.evaluate_last(grid, timeout)
-        except Exception as err:  # the run fails with the clients' reason, not this one
-            log(WARNING, "scoring the last round before stopping failed too: %r", err)
+    except Exception as err:  # the run failed: write what it did, then fail with its reason
+        if isinstance(err, ClientsRefused):  # the clients are there: score the last round
+            try:
+                central.evaluate_last(grid, timeout)
+            except Exception as late:  # the run fails with the clients' reason, not this one
+                log(WARNING, "scoring the last round before stopping failed too: %r", late)
+        end_run(cfg, recorder, strategy, t0, offset, failure=f"{type(err).__name__}: {err}")
         raise
-    recorder.finish(
-        finished=datetime.now().isoformat(timespec="seconds"),
-        seconds=time.monotonic() - t0,
-        rounds_completed=recorder.rounds[-1]["round"] - offset,
-        **({"stopped": stopped} if stopped else {}),
-    )
-    if cfg.output.plot:
-        plot_run(run_dir)
+    end_run(cfg, recorder, strategy, t0, offset, stopped=stopped)
     for line in summary_table(recorder.rounds).splitlines():
         log(INFO, "  %s", line)
     final = recorder.rounds[-1]
+    covered = coverage(final, num_nodes)
+    short = final.get("clients_evaluated") and final["clients_evaluated"] < num_nodes
     log(
-        INFO,
-        "%s finished in %.0fs. Final round %d: personalized %s, global(clients) %s, "
+        WARNING if short else INFO,
+        "%s finished in %.0fs. Final round %d: personalized %s, global(clients) %s%s, "
         "global(central) %s. Results: %s",
         cfg.train.method.upper(),
         time.monotonic() - t0,
         final["round"],
         _fmt(final.get("personal_acc")),
         _fmt(final.get("global_acc")),
+        f" ({covered}{': FEWER than the federation' if short else ''})" if covered else "",
         _fmt(final.get("central_acc")),
         run_dir,
     )
     return run_dir
+
+
+def end_run(
+    cfg: FMLConfig,
+    recorder: RunRecorder,
+    strategy: RobustFedAvg,
+    t0: float,
+    offset: int,
+    stopped: str | None = None,
+    failure: str | None = None,
+) -> None:
+    """Write the run's end into ``metrics.json`` (``finished``: the time, or ``false`` with
+    ``failed``: the reason), name the clients that failed in every round they were sampled
+    (once, here and in ``metrics.json``: ``failing_clients``), and draw the plots.
+    """
+    failing = strategy.persistent_failures()
+    for item in failing:
+        who = (
+            f"partition {item['partition_id']} (node {item['node_id']})"
+            if item["partition_id"] is not None
+            else f"node {item['node_id']}"
+        )
+        log(
+            WARNING,
+            "%s failed in every round it was sampled (%d rounds), always with: %s",
+            who,
+            len(item["rounds"]),
+            item["reason"],
+        )
+    now = datetime.now().isoformat(timespec="seconds")
+    done = recorder.rounds[-1]["round"] - offset if recorder.rounds else 0
+    info: dict = {"seconds": time.monotonic() - t0, "rounds_completed": done}
+    if failure is None:
+        info["finished"] = now
+    else:
+        info.update(finished=False, ended=now, failed=failure)
+    if stopped:
+        info["stopped"] = stopped
+    if failing:
+        info["failing_clients"] = failing
+    recorder.finish(**info)
+    if cfg.output.plot and len(recorder.rounds) > 1:
+        try:
+            plot_run(recorder.run_dir)
+        except Exception as err:  # a failed plot must not hide the run's own failure
+            if failure is None:
+                raise
+            log(WARNING, "plotting the stopped run failed too: %r", err)
 
 
 @app.main()

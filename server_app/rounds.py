@@ -27,15 +27,19 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def progress_line(record: dict, num_rounds: int, rounds_done_here: int | None = None) -> str:
-    """One human-readable line about a finished round."""
+def progress_line(
+    record: dict, num_rounds: int, rounds_done_here: int | None = None, num_clients: int = 0
+) -> str:
+    """One human-readable line about a finished round (``num_clients``: the federation's
+    size, to say how many of them the clients' scores cover).
+    """
     r, elapsed = record["round"], record["elapsed"]
     done = rounds_done_here or r
     eta = elapsed / done * (num_rounds - r)
     parts = [
         f"[round {r}/{num_rounds}] {record['seconds']:.1f}s, elapsed {elapsed:.0f}s, ETA {eta:.0f}s"
     ]
-    parts.extend(client_scores(record))
+    parts.extend(client_scores(record, num_clients))
     if record.get("central_acc") is not None:
         parts.append(f"global(central) {record['central_acc']:.4f}")
     if record.get("replies_dropped") or record.get("replies_missing"):
@@ -47,8 +51,20 @@ def progress_line(record: dict, num_rounds: int, rounds_done_here: int | None = 
     return " | ".join(parts)
 
 
-def client_scores(record: dict) -> list[str]:
-    """The clients' scores of a round record, as progress-line parts."""
+def coverage(record: dict, num_clients: int = 0) -> str:
+    """``over k of N clients`` (``over k clients`` without ``num_clients``), from the
+    round record's ``clients_evaluated``.
+    """
+    k = record.get("clients_evaluated")
+    if not k:
+        return ""
+    return f"over {k} of {num_clients} clients" if num_clients else f"over {k} clients"
+
+
+def client_scores(record: dict, num_clients: int = 0) -> list[str]:
+    """The clients' scores of a round record, as progress-line parts, with how many
+    clients they cover.
+    """
     parts = []
     if "personal_acc" in record:
         parts.append(
@@ -57,6 +73,8 @@ def client_scores(record: dict) -> list[str]:
         )
     if "global_acc" in record:
         parts.append(f"global(clients) {record['global_acc']:.4f}")
+    if parts and coverage(record, num_clients):
+        parts[-1] += f" ({coverage(record, num_clients)})"
     return parts
 
 
@@ -78,8 +96,12 @@ class CentralEvaluation:
         recorder: RunRecorder,
         round_offset: int = 0,
         resumed: bool = False,
+        num_clients: int = 0,
+        sent_config: dict | None = None,
     ):
         self.cfg = cfg
+        self.num_clients = num_clients
+        self.sent_config = dict(sent_config or {})
         self.method = method
         device = resolve_device(cfg.train.device)
         self.test = data.central.to(device)
@@ -132,7 +154,12 @@ class CentralEvaluation:
             )
             log(
                 INFO,
-                progress_line(record, self.cfg.federation.num_rounds, absolute - self.round_offset),
+                progress_line(
+                    record,
+                    self.cfg.federation.num_rounds,
+                    absolute - self.round_offset,
+                    self.num_clients,
+                ),
             )
         else:
             record.update(seconds=0.0, elapsed=0.0)
@@ -163,7 +190,7 @@ class CentralEvaluation:
             return
         fields = self.evaluation_fields(book)
         self.recorder.amend_round(server_round - 1 + self.round_offset, fields)
-        scores = client_scores(fields)
+        scores = client_scores(fields, self.num_clients)
         if scores:
             log(
                 INFO,
@@ -185,7 +212,9 @@ class CentralEvaluation:
         if book.evaluate_metrics:
             return
         self.strategy.final_round = server_round
-        messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        messages = self.strategy.configure_evaluate(
+            server_round, arrays, ConfigRecord(self.sent_config), grid
+        )
         replies = grid.send_and_receive(messages, timeout=timeout)
         self.strategy.aggregate_evaluate(server_round, replies)
         fields = self.evaluation_fields(book)
@@ -194,7 +223,7 @@ class CentralEvaluation:
             INFO,
             "[round %d, scored by its clients as the run stops] %s",
             server_round + self.round_offset,
-            " | ".join(client_scores(fields)) or "no scores",
+            " | ".join(client_scores(fields, self.num_clients)) or "no scores",
         )
 
     @staticmethod
@@ -226,6 +255,9 @@ class CentralEvaluation:
             replies_dropped=len(book.train_dropped) + len(book.evaluate_dropped),
             replies_missing=max(book.train_sent - book.train_replies, 0),
             dropped_reasons=book.train_dropped + book.evaluate_dropped,
+            clients_failed={
+                self.strategy.client_label(node): reason for node, reason in book.failed.items()
+            },
             clients={str(k): v for k, v in sorted(book.clients.items())},
             clients_train={str(k): v for k, v in sorted(book.train_clients.items())},
         )

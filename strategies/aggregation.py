@@ -7,6 +7,7 @@ integer buffers into floats, and have no notion of spread over clients.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -121,3 +122,33 @@ def aggregate_evaluate_metrics(records: list[MetricRecord], weight_key: str) -> 
     out["num_clients"] = len(records)
     out["num_examples"] = int(sum(weights))
     return out
+
+
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
+_SIMULATION_WRAPPER = re.compile(
+    r"^\s*Exception ClientAppException occurred\. Message: ", re.DOTALL
+)
+_PARTITION = re.compile(r"^partition (\d+): (.*)$", re.DOTALL)
+
+
+def describe_error(reason: str) -> tuple[int | None, str]:
+    """``(partition id or None, one-line reason)`` of a client error reply.
+
+    Flower writes ``<class 'ValueError'>:<'message'>`` (in simulation the class is
+    ``ClientAppException`` and the message starts with ``Exception ClientAppException
+    occurred. Message:``); this project's clients start the message with ``partition <i>:
+    <ExceptionType>: ...``. The first line of the innermost message is kept.
+    """
+    kind, text = None, reason
+    match = _FLOWER_REASON.match(reason.strip())
+    if match:
+        kind, text = match.group(1), match.group(2)
+    text = _SIMULATION_WRAPPER.sub("", text).strip()
+    partition = None
+    found = _PARTITION.match(text)
+    if found:  # "partition <i>: <ExceptionType>: ..." names the type itself
+        partition, text = int(found.group(1)), found.group(2)
+    elif kind and kind != "ClientAppException":
+        text = f"{kind}: {text}"
+    first = text.strip().splitlines()[0] if text.strip() else reason.strip()
+    return partition, first

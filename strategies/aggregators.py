@@ -28,11 +28,28 @@ from strategies.aggregation import weighted_average_arrays
 
 
 class Aggregator(Protocol):
-    """``(records, weights) -> ArrayRecord``: one array record from the valid replies."""
+    """``(records, weights) -> ArrayRecord``: one array record from the valid replies.
+
+    The aggregators of this module also say how they use the weights
+    (:func:`weights_used`) and whether a number of replies defeats them
+    (:func:`aggregator_warning`); a plain function works too.
+    """
 
     def __call__(self, records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
         """Combine ``records`` (one per valid reply, ``weights`` their averaging weights)."""
         ...
+
+
+def weights_used(aggregator: Aggregator, weighting: str) -> str:
+    """How ``aggregator`` uses the strategy's averaging weights (``weighting``), in words."""
+    describe = getattr(aggregator, "weights_used", None)
+    return describe(weighting) if callable(describe) else f"{weighting} weights (if it uses them)"
+
+
+def aggregator_warning(aggregator: Aggregator, replies: int) -> str | None:
+    """Why ``aggregator`` will not do what its name says with ``replies`` replies, if so."""
+    check = getattr(aggregator, "warning", None)
+    return check(replies) if callable(check) else None
 
 
 def _per_array(
@@ -58,6 +75,9 @@ class Mean:
     def __call__(self, records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:  # noqa: D102
         return weighted_average_arrays(records, weights)
 
+    def weights_used(self, weighting: str) -> str:  # noqa: D102
+        return f"{weighting} weights"
+
     def __repr__(self) -> str:
         return "Mean()"
 
@@ -80,6 +100,22 @@ class TrimmedMean:
     def __call__(self, records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:  # noqa: D102
         return _per_array(records, lambda x: trim_mean(x, self.trim_fraction))
 
+    def trimmed(self, replies: int) -> int:
+        """How many values it cuts at each end of every coordinate with ``replies``."""
+        return int(self.trim_fraction * replies)
+
+    def weights_used(self, weighting: str) -> str:  # noqa: D102
+        return "no weights: every reply counts once"
+
+    def warning(self, replies: int) -> str | None:  # noqa: D102
+        if self.trimmed(replies) == 0 and replies > 0:
+            return (
+                f"{self!r} trims int({self.trim_fraction} x {replies}) = 0 replies at each end "
+                f"with {replies} replies: it is the plain (unweighted) mean; use a "
+                f"trim_fraction of at least {1 / replies:.3g} to cut one at each end"
+            )
+        return None
+
     def __repr__(self) -> str:
         return f"TrimmedMean({self.trim_fraction})"
 
@@ -89,6 +125,9 @@ class Median:
 
     def __call__(self, records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:  # noqa: D102
         return _per_array(records, lambda x: np.median(x, axis=0))
+
+    def weights_used(self, weighting: str) -> str:  # noqa: D102
+        return "no weights: every reply counts once"
 
     def __repr__(self) -> str:
         return "Median()"
@@ -119,6 +158,17 @@ class MultiKrum:
         index = [next(i for i, c in enumerate(contents) if c is ch) for ch in chosen]
         return weighted_average_arrays([records[i] for i in index], [weights[i] for i in index])
 
+    def weights_used(self, weighting: str) -> str:  # noqa: D102
+        return f"selection unweighted, then {weighting} weights over the selected replies"
+
+    def warning(self, replies: int) -> str | None:  # noqa: D102
+        if replies <= 2 * self.num_malicious + 2:
+            return (
+                f"{self!r} needs more than 2 x num_malicious + 2 = "
+                f"{2 * self.num_malicious + 2} replies to select, got {replies}"
+            )
+        return None
+
     def __repr__(self) -> str:
         return f"MultiKrum(num_malicious={self.num_malicious}, num_selected={self.num_selected})"
 
@@ -128,10 +178,16 @@ def Krum(num_malicious: int = 1) -> MultiKrum:
     return MultiKrum(num_malicious, 1)
 
 
+RULES = ("mean", "trimmed-mean", "median", "krum", "multikrum")
+"""The rule names :func:`make_aggregator` (and a strategy's ``aggregator=``) accept."""
+
+
 def make_aggregator(
     rule: str, trim_fraction: float = 0.1, num_malicious: int = 1, num_selected: int = 0
 ) -> Aggregator:
-    """The aggregator named by ``aggregation.rule`` (see :mod:`fml_flower.config`)."""
+    """The aggregator named ``rule`` (one of :data:`RULES`, ``aggregation.rule`` in the
+    configuration), with the given settings.
+    """
     if rule == "mean":
         return Mean()
     if rule == "trimmed-mean":
@@ -142,7 +198,43 @@ def make_aggregator(
         return Krum(num_malicious)
     if rule == "multikrum":
         return MultiKrum(num_malicious, num_selected)
-    raise ValueError(f"unknown aggregation rule '{rule}'")
+    raise ValueError(f"unknown aggregation rule '{rule}'; one of {list(RULES)}")
 
 
-__all__ = ["Aggregator", "Krum", "Mean", "Median", "MultiKrum", "TrimmedMean", "make_aggregator"]
+def as_aggregator(value: object, name: str = "aggregator") -> Aggregator:
+    """``value`` as an aggregator: ``None`` (the mean), a rule name of :data:`RULES` (with
+    its default settings) or a callable ``(records, weights) -> ArrayRecord``; anything
+    else is refused with a ``TypeError`` naming the argument and the choices.
+    """
+    if value is None:
+        return Mean()
+    if isinstance(value, str):
+        if value not in RULES:
+            raise ValueError(
+                f"{name}={value!r} is not a rule name; use one of {list(RULES)} or an "
+                "instance such as TrimmedMean(0.2), Median(), Krum(1), MultiKrum(1, 3) from "
+                "strategies.aggregators"
+            )
+        return make_aggregator(value)
+    if not callable(value):
+        raise TypeError(
+            f"{name} must be None (the mean), a rule name ({', '.join(RULES)}) or a callable "
+            f"(records, weights) -> ArrayRecord such as strategies.aggregators.Median(); got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return value  # type: ignore[return-value]
+
+
+__all__ = [
+    "RULES",
+    "Aggregator",
+    "Krum",
+    "Mean",
+    "Median",
+    "MultiKrum",
+    "TrimmedMean",
+    "aggregator_warning",
+    "as_aggregator",
+    "make_aggregator",
+    "weights_used",
+]

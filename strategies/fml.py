@@ -8,7 +8,7 @@ from logging import INFO
 
 from flwr.common.logger import log
 
-from fml_flower.settings import DISTILLATIONS, RoundSettings, Schedule, value_at
+from fml_flower.settings import DISTILLATIONS, RoundSettings, Schedule, as_schedule, value_at
 from strategies.aggregators import Aggregator
 from strategies.robust import Participation, RobustFedAvg
 
@@ -34,11 +34,12 @@ class FedMutualLearning(RobustFedAvg):
 
     Parameters
     ----------
-    alpha : float | Callable[[int], float] (default: 0.5)
+    alpha : float | Callable[[int], float] | Sequence[float] (default: 0.5)
         Weight of the cross-entropy in the personalized model's loss; ``1 - alpha``
-        weights the KL divergence to the meme's predictions. A constant in [0, 1] or a
-        function of the round (1-based) returning one.
-    beta : float | Callable[[int], float] (default: 0.5)
+        weights the KL divergence to the meme's predictions. A constant in [0, 1], a
+        function of the round (1-based) returning one, or a list with one value per round
+        (checked against the number of rounds when the run starts).
+    beta : float | Callable[[int], float] | Sequence[float] (default: 0.5)
         Weight of the cross-entropy in the meme's loss; ``1 - beta`` weights the KL
         divergence to the personalized model's predictions (e.g. ``lambda r: 0.1 if r <=
         10 else 0.5`` for the authors' dynamic balancing).
@@ -48,8 +49,9 @@ class FedMutualLearning(RobustFedAvg):
         detached) or ``"pfllib"`` (PFLlib's ``clientFML``: KL averaged over classes too,
         the partner not detached, gradient norms clipped at 10, the last incomplete batch
         dropped; its server averages memes uniformly, which ``weighting=None`` follows).
-    lr : float | Callable[[int], float] (default: 0.01)
-        SGD learning rate of both models: a constant or a function of the round.
+    lr : float | Callable[[int], float] | Sequence[float] (default: 0.01)
+        SGD learning rate of both models: a constant, a function of the round or one value
+        per round.
     local_epochs : int (default: 1)
         Epochs of mutual learning per round.
     batch_size : int (default: 32)
@@ -73,10 +75,11 @@ class FedMutualLearning(RobustFedAvg):
     private_keys : Sequence[str] (default: ())
         Meme state-dict keys that stay on the clients (a task-specific head): never sent,
         never averaged.
-    aggregator : Optional[Aggregator] (default: None)
+    aggregator : Optional[Aggregator | str] (default: None)
         How the memes are combined: ``None`` is the weighted mean (FedAvg); a robust rule
-        from :mod:`strategies.aggregators` (``TrimmedMean``, ``Median``, ``Krum``,
-        ``MultiKrum``) bounds what one poisoned meme can do.
+        from :mod:`strategies.aggregators` (``TrimmedMean(0.2)``, ``Median()``,
+        ``Krum(1)``, ``MultiKrum(1, 3)``) bounds what one poisoned meme can do; a rule name
+        (``"median"``, ``"trimmed-mean"``, ...) takes that rule's default settings.
     weighting : Optional[str] (default: None)
         ``"examples"`` or ``"uniform"`` averaging weights (differential privacy needs
         uniform ones; see :func:`strategies.privacy.differential_privacy`). ``None``:
@@ -119,7 +122,7 @@ class FedMutualLearning(RobustFedAvg):
         min_available_nodes: int = 2,
         min_replies: int = 1,
         private_keys: Sequence[str] = (),
-        aggregator: Aggregator | None = None,
+        aggregator: Aggregator | str | None = None,
         weighting: str | None = None,
         participation: Participation | None = None,
         evaluate_in_train: bool = False,
@@ -131,8 +134,8 @@ class FedMutualLearning(RobustFedAvg):
     ) -> None:
         if distillation not in DISTILLATIONS:
             raise ValueError(f"distillation must be one of {DISTILLATIONS}, got {distillation!r}")
-        self.alpha = alpha
-        self.beta = beta
+        self.alpha = as_schedule("alpha", alpha)
+        self.beta = as_schedule("beta", beta)
         self.distillation = distillation
         if weighting is None:
             weighting = "uniform" if distillation == "pfllib" else "examples"
@@ -169,6 +172,10 @@ class FedMutualLearning(RobustFedAvg):
             beta=value_at(self.beta, base.round),
             distillation=self.distillation,
         )
+
+    def schedules(self) -> dict[str, Schedule]:
+        """``lr``, ``alpha`` and ``beta``."""
+        return {**super().schedules(), "alpha": self.alpha, "beta": self.beta}
 
     def summary(self) -> None:
         """Log the mutual-learning weights, then what every message carries."""

@@ -41,8 +41,11 @@ clients' updates. What this module adds around Flower's wrappers, and why:
   Flower splits it between the update and the clipped-count query as Andrew et al.
   (2021) do, so the pair composes to one Gaussian mechanism of multiplier ``z``.
 - **A budget.** With ``max_epsilon``, a round whose release would exceed it is not
-  started: :class:`flwr.serverapp.exception.PrivacyBudgetExhausted` is raised from
-  ``configure_train``, which the project's ServerApp turns into a clean end of the run.
+  started: the wrapper's ``start`` ends there and *returns* the ``Result`` of the rounds
+  before (``wrapper.stopped`` says why, ``wrapper.epsilon()`` what was spent). Inside,
+  :class:`BudgetExhausted` (a Flower ``PrivacyBudgetExhausted``) leaves
+  ``configure_train``. A run that fails (every client refusing, a node gone) raises with
+  the partial ``Result`` attached (:class:`strategies.robust.RunStopped`).
 """
 
 from __future__ import annotations
@@ -66,10 +69,16 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    Result,
     Strategy,
 )
 
-from strategies.robust import RobustFedAvg
+from strategies.robust import EvaluateFn, RobustFedAvg, RunStopped, run_keeping_result
+
+
+class BudgetExhausted(RunStopped, PrivacyBudgetExhausted):
+    """The next round's release would exceed ``max_epsilon``: the run ends before it."""
+
 
 MODES = ("server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 
@@ -125,6 +134,48 @@ class _Private:
         elif prior_releases < 0:
             raise ValueError("prior_releases must be >= 0")
         self._clipped_with: float | None = None
+        self.stopped: str | None = None
+        """Why the last ``start`` ended before its last round (the privacy budget), or None."""
+
+    def start(  # type: ignore[no-untyped-def]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Flower's ``Strategy.start`` on this wrapper. When the budget stops the run, it
+        returns the ``Result`` of the rounds before and sets :attr:`stopped`; a run that
+        fails raises with ``err.result`` attached (see
+        :func:`strategies.robust.run_keeping_result`).
+        """
+        inner = self.strategy
+        inner.final_round = num_rounds
+        inner.check_schedules(num_rounds)
+        self.stopped = None
+
+        def loop(fn: EvaluateFn) -> Result:
+            return Strategy.start(
+                self,  # type: ignore[arg-type]
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                fn,
+            )
+
+        try:
+            return run_keeping_result(inner, loop, initial_arrays, evaluate_fn)
+        except BudgetExhausted as err:
+            self.stopped = f"privacy budget exhausted: {err}"
+            log(INFO, "The run stops before its next round: %s", self.stopped)
+            assert err.result is not None
+            return err.result
 
     # ------------------------------------------------------------------ accounting
 
@@ -159,7 +210,7 @@ class _Private:
         acc = self.privacy_accountant
         if acc is not None and self.max_epsilon is not None:
             if acc.would_exceed(self.event(), max_epsilon=self.max_epsilon):
-                raise PrivacyBudgetExhausted(
+                raise BudgetExhausted(
                     f"round {server_round + self.strategy.round_offset}: its release would "
                     f"exceed privacy.max_epsilon={self.max_epsilon:g} (spent so far: epsilon "
                     f"{self.epsilon():.4f} at delta {self.delta:g} after {acc.num_releases} "
@@ -336,7 +387,8 @@ def differential_privacy(
     delta : float (default: 1e-5)
         The delta at which epsilon is reported.
     max_epsilon : Optional[float] (default: None)
-        A budget: a round whose release would exceed it raises ``PrivacyBudgetExhausted``.
+        A budget: a round whose release would exceed it is not started; ``start`` returns
+        the ``Result`` of the rounds before, and the wrapper's ``stopped`` says why.
     target_quantile, clip_norm_lr, clipped_count_stddev
         Adaptive modes: Flower's ``target_clipped_quantile``, ``clip_norm_lr`` and
         ``clipped_count_stddev`` (``None``: ``num_sampled_clients / 20``).
@@ -368,6 +420,7 @@ def differential_privacy(
 
 __all__ = [
     "MODES",
+    "BudgetExhausted",
     "ClientSideAdaptiveClipping",
     "ClientSideFixedClipping",
     "ServerSideAdaptiveClipping",

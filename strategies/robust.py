@@ -9,24 +9,31 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
-from typing import Protocol, TypedDict
+from logging import DEBUG, INFO, WARNING
+from typing import Any, Protocol, TypedDict
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
-from fml_flower.settings import RoundSettings, Schedule, value_at
+from fml_flower.settings import (
+    RoundSettings,
+    Schedule,
+    as_schedule,
+    check_schedule_length,
+    value_at,
+)
 from strategies.aggregation import (
     IDENTIFIERS,
     aggregate_evaluate_metrics,
+    describe_error,
     reply_problem,
     update_norm,
     weighted_mean_metrics,
 )
-from strategies.aggregators import Aggregator, Mean
+from strategies.aggregators import Aggregator, aggregator_warning, as_aggregator, weights_used
 
 Participation = Callable[[int, list[int]], list[int]]
 """``(server_round, connected node ids) -> node ids that may be sampled in that round``."""
@@ -88,6 +95,13 @@ class RoundLog:
     evaluated_late: bool = False
     """The evaluation metrics of this round came with the next round's training replies
     (``evaluate_in_train``), after this round's record was first written."""
+    sent: dict[str, Any] = field(default_factory=dict)
+    """The training config sent to every sampled client (``lr``, ``alpha``, ``beta``, ...)."""
+    sampled: list[int] = field(default_factory=list)
+    """Node ids sampled for training."""
+    failed: dict[int, str] = field(default_factory=dict)
+    """Node id -> one-line reason, for the clients whose training failed this round (their
+    evaluation of this round is left out)."""
 
 
 class RobustFedAvg(FedAvg):
@@ -108,8 +122,9 @@ class RobustFedAvg(FedAvg):
 
     Parameters
     ----------
-    lr : float | Callable[[int], float] (default: 0.01)
-        Clients' SGD learning rate: a constant or a function of the round (1-based, absolute).
+    lr : float | Callable[[int], float] | Sequence[float] (default: 0.01)
+        Clients' SGD learning rate: a constant, a function of the round (1-based, absolute)
+        or a list with one value per round (checked against the rounds at ``start``).
     local_epochs : int (default: 1)
         Local epochs per round.
     batch_size : int (default: 32)
@@ -134,10 +149,12 @@ class RobustFedAvg(FedAvg):
     private_keys : Sequence[str] (default: ())
         State-dict keys that stay on the clients (a private head): never sent to clients,
         never expected back. The rest (the shared body) is averaged.
-    aggregator : Optional[Aggregator] (default: None)
+    aggregator : Optional[Aggregator | str] (default: None)
         How the valid replies' arrays are combined, ``(records, weights) -> ArrayRecord``
         (:mod:`strategies.aggregators`: ``Mean``, ``TrimmedMean``, ``Median``, ``Krum``,
-        ``MultiKrum``, on Flower's own code). ``None``: the weighted mean (FedAvg).
+        ``MultiKrum``, on Flower's own code), or a rule name with its default settings
+        (``"mean"``, ``"trimmed-mean"``, ``"median"``, ``"krum"``, ``"multikrum"``).
+        ``None``: the weighted mean (FedAvg).
     weighting : str (default: "examples")
         Averaging weights: ``"examples"`` (each reply's ``weighted_by_key``, FedAvg) or
         ``"uniform"`` (equal weights, as differential privacy requires). Metrics are
@@ -184,7 +201,7 @@ class RobustFedAvg(FedAvg):
         min_available_nodes: int = 2,
         min_replies: int = 1,
         private_keys: Sequence[str] = (),
-        aggregator: Aggregator | None = None,
+        aggregator: Aggregator | str | None = None,
         weighting: str = "examples",
         participation: Participation | None = None,
         evaluate_in_train: bool = False,
@@ -212,14 +229,14 @@ class RobustFedAvg(FedAvg):
             raise ValueError(f"node_wait must be > 0 seconds (or None), got {node_wait}")
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
-        self.lr = lr
+        self.lr = as_schedule("lr", lr)
         self.local_epochs = local_epochs
         self.batch_size = batch_size
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.min_replies = min_replies
         self.private_keys = frozenset(private_keys)
-        self.aggregator: Aggregator = aggregator if aggregator is not None else Mean()
+        self.aggregator: Aggregator = as_aggregator(aggregator)
         self.weighting = weighting
         self.participation = participation
         self.evaluate_in_train = evaluate_in_train
@@ -228,6 +245,10 @@ class RobustFedAvg(FedAvg):
         self.round_offset = round_offset
         self.reference_arrays: ArrayRecord | None = None
         self.rounds: dict[int, RoundLog] = {}
+        self.node_partitions: dict[int, int] = {}
+        """Node id -> partition id, learned from the clients' replies (``partition_id`` in
+        their metrics, or ``partition <i>:`` leading an error)."""
+        self._warned: set[str] = set()
         self.settings(1)  # validate every value (and a schedule's first one) now
 
     # ------------------------------------------------------------------ what is sent
@@ -252,12 +273,89 @@ class RobustFedAvg(FedAvg):
             out[EVALUATE_BEFORE_TRAIN] = True
         return out
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kw):  # type: ignore[no-untyped-def, override]
-        """Flower's ``Strategy.start``; remembers ``num_rounds`` (the round after which
-        ``evaluate_in_train`` still sends an evaluation message).
+    def schedules(self) -> dict[str, Schedule]:
+        """The per-round values this strategy sends (override to add a method's)."""
+        return {"lr": self.lr}
+
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Flower's ``Strategy.start``, which also remembers ``num_rounds`` (the round after
+        which ``evaluate_in_train`` still sends an evaluation message), checks per-round
+        lists against the rounds before round 1, and keeps what is done so far: a run that
+        stops early raises with ``err.result`` (a Flower ``Result`` of the rounds before)
+        attached (see :func:`run_keeping_result`).
         """
         self.final_round = num_rounds
-        return super().start(grid, initial_arrays, num_rounds, **kw)
+        self.check_schedules(num_rounds)
+        return run_keeping_result(
+            self,
+            lambda fn: FedAvg.start(
+                self,
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                fn,
+            ),
+            initial_arrays,
+            evaluate_fn,
+        )
+
+    def check_schedules(self, num_rounds: int) -> None:
+        """Refuse, before round 1, a per-round list shorter than the run."""
+        for name, schedule in self.schedules().items():
+            check_schedule_length(name, schedule, num_rounds + self.round_offset)
+
+    def client_label(self, node_id: int) -> str:
+        """``partition <i> (node <id>)`` once the node's partition is known, else
+        ``node <id>``.
+        """
+        pid = self.node_partitions.get(int(node_id))
+        return f"node {node_id}" if pid is None else f"partition {pid} (node {node_id})"
+
+    def learn_partitions(self, replies: Iterable[Message]) -> None:
+        """Remember the partition id each replying node reports."""
+        for msg in replies:
+            if msg.has_error() or not msg.content.metric_records:
+                continue
+            pid = _only_metrics(msg).get("partition_id")
+            if isinstance(pid, int | float) and not isinstance(pid, bool):
+                self.node_partitions[int(msg.metadata.src_node_id)] = int(pid)
+
+    def persistent_failures(self) -> list[dict[str, Any]]:
+        """The clients whose training failed in every round they were sampled, each time
+        with the same reason: ``partition_id``, ``node_id``, ``reason``, ``rounds``.
+        """
+        sampled: dict[int, list[int]] = {}
+        failed: dict[int, list[tuple[int, str]]] = {}
+        for r, book in sorted(self.rounds.items()):
+            for node in book.sampled:
+                sampled.setdefault(node, []).append(r)
+            for node, reason in book.failed.items():
+                failed.setdefault(node, []).append((r, reason))
+        out = []
+        for node, items in sorted(failed.items()):
+            reasons = {reason for _, reason in items}
+            if len(items) == len(sampled.get(node, [])) and len(reasons) == 1:
+                out.append(
+                    {
+                        "partition_id": self.node_partitions.get(node),
+                        "node_id": node,
+                        "reason": reasons.pop(),
+                        "rounds": [r + self.round_offset for r, _ in items],
+                    }
+                )
+        return out
 
     def shared(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` without the private keys (all of them when there are none)."""
@@ -274,7 +372,12 @@ class RobustFedAvg(FedAvg):
             log(INFO, "\t│\t├── %s: %s%s", key, value, " (per round)" if varying else "")
         if self.private_keys:
             log(INFO, "\t│\t└── private (never sent): %s", sorted(self.private_keys))
-        log(INFO, "\t├──> Aggregation: %r, %s weights", self.aggregator, self.weighting)
+        log(
+            INFO,
+            "\t├──> Aggregation: %r, %s",
+            self.aggregator,
+            weights_used(self.aggregator, self.weighting),
+        )
         super().summary()
 
     def _is_schedule(self, key: str) -> bool:
@@ -321,10 +424,10 @@ class RobustFedAvg(FedAvg):
             if self.node_wait is not None and now - start >= self.node_wait:
                 raise NodeWaitTimeout(
                     f"round {server_round}: waited {self.node_wait:g} s for {required} "
-                    f"connected nodes, but only {len(nodes)} are connected ({sorted(nodes)}). "
-                    "A node may have died. The run stops here; the results of the rounds "
-                    "before are written. Restart the missing SuperNodes and continue with "
-                    "federation.resume_from, or lower federation.min_nodes"
+                    f"connected nodes, but only {len(nodes)} are connected. "
+                    f"{self.missing_clients(nodes)}The run stops here; the results of the "
+                    "rounds before are written. Restart the missing SuperNodes and continue "
+                    "with federation.resume_from, or lower federation.min_nodes"
                 )
             if last_log is None or now - last_log >= 10:
                 log(
@@ -339,6 +442,19 @@ class RobustFedAvg(FedAvg):
             time.sleep(0.5)
         return nodes
 
+    def missing_clients(self, connected: Iterable[int]) -> str:
+        """Which clients seen before are not connected now (a sentence, or empty)."""
+        connected = set(connected)
+        gone = sorted(
+            (pid, node) for node, pid in self.node_partitions.items() if node not in connected
+        )
+        present = {self.node_partitions.get(n) for n in connected}
+        missing = [(pid, node) for pid, node in gone if pid not in present]
+        if not missing:
+            return f"Connected: nodes {sorted(connected)}. "
+        names = ", ".join(f"partition {pid} (last seen as node {node})" for pid, node in missing)
+        return f"Missing: {names}. "
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -347,12 +463,22 @@ class RobustFedAvg(FedAvg):
         self.reference_arrays = arrays
         nodes = self.sample(server_round, grid, self.fraction_train, self.min_train_nodes)
         log(INFO, "configure_train: sampled %d nodes", len(nodes))
+        self.warn_once(aggregator_warning(self.aggregator, len(nodes)))
         config = self.train_config(server_round, config)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         messages = list(self._construct_messages(record, nodes, MessageType.TRAIN))
-        self.round_log(server_round).train_sent = len(messages)
+        book = self.round_log(server_round)
+        book.train_sent = len(messages)
+        book.sent = dict(config)
+        book.sampled = [int(n) for n in nodes]
         return messages
+
+    def warn_once(self, message: str | None) -> None:
+        """Log ``message`` as a warning the first time it is seen."""
+        if message and message not in self._warned:
+            self._warned.add(message)
+            log(WARNING, "%s", message)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -402,9 +528,30 @@ class RobustFedAvg(FedAvg):
             if problem is None:
                 valid.append(msg)
                 continue
-            reason = f"node {msg.metadata.src_node_id}: {problem}"
+            node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                pid, problem = describe_error(msg.error.reason)
+                if pid is not None:
+                    self.node_partitions[node] = pid
+                log(
+                    DEBUG,
+                    "round %d: full error of node %d: %s",
+                    server_round,
+                    node,
+                    msg.error.reason,
+                )
+                problem = f"client error: {problem}"
+            reason = f"{self.client_label(node)}: {problem}"
             dropped.append(reason)
-            log(WARNING, "round %d: dropped the reply of %s", server_round, reason)
+            first = f"{self.client_label(node)}: {problem}" not in self._warned
+            self._warned.add(reason)
+            log(
+                WARNING if first else DEBUG,
+                "round %d: dropped the reply of %s%s",
+                server_round,
+                reason,
+                "" if first else " (again)",
+            )
         return valid, dropped
 
     def check_fatal(self, server_round: int, replies: list[Message]) -> None:
@@ -439,9 +586,15 @@ class RobustFedAvg(FedAvg):
         """
         replies = list(replies)
         book = self.round_log(server_round)
+        self.learn_partitions(replies)
         valid, book.train_dropped = self.filter_replies(
             server_round, replies, self.check_train_reply
         )
+        book.failed = {
+            int(m.metadata.src_node_id): describe_error(m.error.reason)[1]
+            for m in replies
+            if m.has_error()
+        }
         valid.sort(key=_client_of)  # arrival order must not change the average's bits
         book.train_replies, book.train_accepted = len(replies), len(valid)
         book.screened = True
@@ -502,7 +655,10 @@ class RobustFedAvg(FedAvg):
         evaluation of ``earlier_round``.
         """
         metrics = []
+        failed = self.rounds[earlier_round].failed if earlier_round in self.rounds else {}
         for msg in replies:
+            if int(msg.metadata.src_node_id) in failed:  # scored a model it did not train
+                continue
             m = _only_metrics(msg)
             part = {k[len(EVAL_PREFIX) :]: v for k, v in m.items() if k.startswith(EVAL_PREFIX)}
             if part.get(self.weighted_by_key, 0) and len(part) > 1:
@@ -535,10 +691,21 @@ class RobustFedAvg(FedAvg):
         """Weighted means and the spread (min/max over clients) of the clients' metrics."""
         replies = list(replies)
         book = self.round_log(server_round)
+        self.learn_partitions(replies)
         valid, book.evaluate_dropped = self.filter_replies(
             server_round, replies, self.check_evaluate_reply
         )
         book.evaluate_replies = len(replies)
+        left_out = [m for m in valid if int(m.metadata.src_node_id) in book.failed]
+        for msg in left_out:
+            node = int(msg.metadata.src_node_id)
+            log(
+                INFO,
+                "round %d: the evaluation of %s is left out: its training failed this round",
+                server_round,
+                self.client_label(node),
+            )
+        valid = [m for m in valid if m not in left_out]
         if not valid:
             return None
         metrics = [_only_metrics(m) for m in valid]
@@ -583,12 +750,57 @@ def _per_client(replies: list[Message], metrics: list[MetricRecord]) -> dict[int
     return out
 
 
-class ClientsRefused(RuntimeError):
+class RunStopped(RuntimeError):
+    """The run stopped before its last round. ``result`` holds what was done before: a
+    Flower ``Result`` (the last global arrays, the aggregated training and evaluation
+    metrics and the server-side evaluations of the finished rounds), set when the
+    exception leaves ``start``.
+    """
+
+    result: Result | None = None
+
+
+class ClientsRefused(RunStopped):
     """Every client of a round failed with the same kind of exception."""
 
 
-class NodeWaitTimeout(RuntimeError):
+class NodeWaitTimeout(RunStopped):
     """Fewer nodes than a round needs stayed connected for ``node_wait`` seconds."""
+
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+def run_keeping_result(
+    strategy: RobustFedAvg,
+    start: Callable[[EvaluateFn], Result],
+    initial_arrays: ArrayRecord,
+    evaluate_fn: EvaluateFn | None,
+) -> Result:
+    """Run ``start`` (Flower's loop, given the evaluation function to use) keeping a copy
+    of what is done: the global arrays after every round (Flower passes them to the
+    evaluation function) and ``strategy``'s round logs. A :class:`RunStopped` leaving the
+    loop gets that partial ``Result`` as ``err.result``.
+    """
+    partial = Result(arrays=initial_arrays)
+
+    def tracked(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        partial.arrays = arrays
+        res = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+        if res is not None:
+            partial.evaluate_metrics_serverapp[server_round] = res
+        return res
+
+    try:
+        return start(tracked)
+    except RunStopped as err:
+        for r, book in sorted(strategy.rounds.items()):
+            if book.train_metrics:
+                partial.train_metrics_clientapp[r] = MetricRecord(book.train_metrics)  # type: ignore[arg-type]
+            if book.evaluate_metrics:
+                partial.evaluate_metrics_clientapp[r] = MetricRecord(book.evaluate_metrics)  # type: ignore[arg-type]
+        err.result = partial
+        raise
 
 
 class _NodeView(Protocol):
@@ -620,5 +832,6 @@ __all__ = [
     "Participation",
     "RobustFedAvg",
     "RoundLog",
+    "RunStopped",
     "StrategyOptions",
 ]

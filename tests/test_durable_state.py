@@ -14,6 +14,7 @@ import fml_flower.methods.fml as fml_method
 from client_app.app import train
 from client_app.state import node_slot, personal_file
 from fml_flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fml_flower.config import SENT_CONFIG_KEY, load_config, to_yaml
 from fml_flower.models import build_model
 from fml_flower.personal import PERSONAL, cpu_state
 from fml_flower.settings import RoundSettings
@@ -36,8 +37,11 @@ def _context(state_dir: Path, pid: int = 2, run_config: dict | None = None) -> C
     )
 
 
-def _train_message(server_round: int = 1) -> Message:
-    """A training message as FedMutualLearning sends it for ``RUN_CONFIG`` (momentum 0.9)."""
+def _train_message(server_round: int = 1, resume_from: str = "") -> Message:
+    """A training message as FedMutualLearning sends it for ``RUN_CONFIG`` (momentum 0.9);
+    with ``resume_from``, it carries the resumed run's configuration, as the ServerApp sends
+    it (the clients cannot read the server's run folder).
+    """
     arrays = ArrayRecord(build_model("mlp", (1, 28, 28), 10, seed=0).state_dict())
     settings = RoundSettings(
         lr=0.05,
@@ -49,6 +53,10 @@ def _train_message(server_round: int = 1) -> Message:
         beta=0.5,
     )
     config = ConfigRecord({"server-round": server_round, **settings.to_config()})
+    if resume_from:
+        overrides = {k: v for k, v in RUN_CONFIG.items() if k != "experiment"}
+        cfg = load_config("base", {**overrides, "federation.resume_from": resume_from})
+        config[SENT_CONFIG_KEY] = to_yaml(cfg).encode()
     return Message(
         RecordDict({"arrays": arrays, "config": config}),
         dst_node_id=11,
@@ -248,9 +256,8 @@ def test_a_resumed_run_restores_the_version_of_the_servers_last_round(
     train(_train_message(3), node)  # finished, but the server never recorded round 3
     assert load_checkpoint(personal_file(tmp_path, 2))["round"] == 3
     assert load_checkpoint(previous_file(tmp_path, 2))["round"] == 2
-    resumed_config = {**RUN_CONFIG, "federation.resume_from": str(tmp_path / "run")}
-    resumed = _context(tmp_path, run_config=resumed_config)
-    reply = train(_train_message(3), resumed)
+    resumed = _context(tmp_path)
+    reply = train(_train_message(3, resume_from=str(tmp_path / "run")), resumed)
     assert _metrics(reply)["personal_restored_from_disk"] == 1.0
     assert _equal(starts[-1], after_two)  # round 3 again, from the round-2 model
     # a new (not resumed) run takes the newest version, as before
@@ -258,6 +265,8 @@ def test_a_resumed_run_restores_the_version_of_the_servers_last_round(
     train(_train_message(1), fresh)
     assert load_checkpoint(previous_file(tmp_path, 2))["round"] == 3
     # resuming from further back than the files go is refused with the reason
-    too_old = _context(tmp_path, run_config=resumed_config)
-    with pytest.raises(CheckpointError, match="no saved version is old enough"):
-        train(_train_message(1), too_old)  # files of rounds 1 and 3; resumes after round 0
+    too_old = _context(tmp_path)
+    with pytest.raises(CheckpointError, match=r"partition 2: .*no saved version is old enough"):
+        train(
+            _train_message(1, resume_from=str(tmp_path / "run")), too_old
+        )  # files of rounds 1 and 3; resumes after round 0

@@ -82,9 +82,9 @@ def is_complete(run_dir: Path) -> bool:
     except (OSError, ValueError, yaml.YAMLError):
         return False
     rounds, run = metrics.get("rounds", []), metrics.get("run", {})
-    if "finished" in run and "stopped" in run:  # a configured end (a privacy budget)
-        return True
-    return "finished" in run and len(rounds) == cfg["federation"]["num_rounds"] + 1
+    if run.get("finished") and "stopped" in run:  # a configured end (a privacy budget)
+        return True  # (a failed run has finished: false)
+    return bool(run.get("finished")) and len(rounds) == cfg["federation"]["num_rounds"] + 1
 
 
 class PeakMemory:

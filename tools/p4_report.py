@@ -30,7 +30,7 @@ def collect(folder: Path) -> dict[tuple[str, int], list[dict[str, float]]]:
         if match is None:
             continue
         record = json.loads(path.read_text())
-        if "finished" not in record["run"]:
+        if not record["run"].get("finished"):
             continue
         final = record["rounds"][-1]
         arm = match["method"] + (f" (alpha {match['alpha']})" if match["alpha"] else "")

@@ -31,7 +31,7 @@ def _runs(folder: Path, unfinished: bool = False) -> dict[str, dict]:
     out = {}
     for path in sorted(folder.glob("*/metrics.json")):
         record = json.loads(path.read_text())
-        if "finished" in record["run"] or (unfinished and len(record["rounds"]) > 1):
+        if record["run"].get("finished") or (unfinished and len(record["rounds"]) > 1):
             record["config"] = yaml.safe_load((path.parent / "config.yaml").read_text())
             out[path.parent.name] = record
     return out
@@ -111,7 +111,7 @@ def poisoning_table(runs: dict[str, dict], clean_mean: dict | None) -> str:
         planned = record["config"]["federation"]["num_rounds"]
         done = (
             f"{final['round']}"
-            if "finished" in record["run"]
+            if record["run"].get("finished")
             else (f"{final['round']} of {planned}: stopped (see below)")
         )
         lines.append(
