@@ -240,8 +240,8 @@ def client_round(
 
 
 TRAINED = "fml-flower.trained"
-"""``context.state`` key, with in-train evaluation only: the last round this client trained
-in (this run), so that it scores nothing before its first round."""
+"""``context.state`` key: the last round this client trained in (this run), so that with
+in-train evaluation it scores nothing before its first round."""
 
 
 def evaluate_before_training(
@@ -290,8 +290,7 @@ def _train(msg: Message, context: Context) -> Message:
     t1 = time.perf_counter()
     arrays, metrics = method.train(r)
     store.flush(r.settings.round)
-    if msg.content["config"].get(EVALUATE_BEFORE_TRAIN):  # type: ignore[union-attr]
-        context.state[TRAINED] = ConfigRecord({"round": r.settings.round})
+    context.state[TRAINED] = ConfigRecord({"round": r.settings.round})
     notes.update(setup_seconds=t1 - t0, train_seconds=time.perf_counter() - t1)
     reply = {**metrics, **notes, "num-examples": len(r.data.train), "partition_id": r.partition_id}
     reply.update(used_settings(r.settings))

@@ -84,6 +84,7 @@ def train(
     test: Batches | None = None,
     precision: str = "fp32",
     memory_format: str = "auto",
+    seed: int | None = 0,
 ) -> RecordDict:
     """One FML round: the reply to a training message of ``FedMutualLearning``.
 
@@ -117,7 +118,12 @@ def train(
         With tensors: ``keep``, ``drop`` or ``merge`` the last incomplete batch; ``auto``
         keeps it, except with the strategy's ``distillation="pfllib"`` (dropped, as PFLlib).
     generator : Optional[torch.Generator]
-        Seeds the batch order (with tensors).
+        The batch order's generator (with tensors); by default one seeded from ``seed``.
+    seed : Optional[int] (default: 0)
+        Without ``generator``: the batch order is drawn from ``seed``, the client's
+        partition id and the round, so two runs of the same app give the same numbers
+        (with your models' initial weights seeded too). None: torch's global generator
+        (which, in a simulation, depends on which worker serves the client).
     test : Optional[tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]]
         The client's test data. Needed when the strategy evaluates in the training
         message (``FedMutualLearning(evaluate_in_train=True)``: one message per round):
@@ -159,6 +165,7 @@ def train(
             test=test,
             precision=precision,
             memory_format=memory_format,
+            seed=seed,
         )
 
 
@@ -175,8 +182,12 @@ def _train(
     test: Batches | None,
     precision: str,
     memory_format: str,
+    seed: int | None,
 ) -> RecordDict:
     s = RoundSettings.from_config(content["config"], fml=True)  # type: ignore[arg-type]
+    if generator is None and seed is not None:
+        pid = _partition(state) or 0
+        generator = torch.Generator().manual_seed(seed + 7919 * (pid + 1) + 104729 * s.round)
     scored: dict[str, float | int] = {}
     if content["config"].get(EVALUATE_BEFORE_TRAIN):  # type: ignore[union-attr]
         if test is None:

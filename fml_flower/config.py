@@ -220,6 +220,10 @@ class FederationConfig:
     it with the training reply; it is booked as that round's evaluation, and only the last
     round gets an evaluation message. ``separate``: an evaluation message every round,
     right after aggregation (Flower's default)."""
+    evaluate_every: int = 1
+    """Evaluate (clients and central test set) the models of every this-many-th round and
+    of the last round; the other rounds only train (training is the same either way). For
+    protocols that report the final round only."""
     min_nodes: int = 2
     """Wait for at least this many nodes; also the minimum sampled per round."""
     round_timeout: float = 3600.0
@@ -803,6 +807,7 @@ def validate(cfg: FMLConfig) -> None:
     _check(0 <= f.fraction_evaluate <= 1, "federation.fraction_evaluate", "must be in [0, 1]")
     _check_choice(f.evaluation, "federation.evaluation", ("in-train", "separate"))
     _check(f.min_nodes >= 1, "federation.min_nodes", "must be >= 1")
+    _check(f.evaluate_every >= 1, "federation.evaluate_every", "must be >= 1")
     _check(f.round_timeout > 0, "federation.round_timeout", "must be > 0")
     _check(f.node_wait > 0, "federation.node_wait", "must be > 0 seconds")
     _check(f.min_replies >= 1, "federation.min_replies", "must be >= 1")

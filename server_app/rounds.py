@@ -17,7 +17,7 @@ from fml_flower.methods import Method
 from fml_flower.models import build_model, resolve_device
 from fml_flower.results import RunRecorder
 from fml_flower.tensors import PreparedData
-from fml_flower.training import evaluate
+from fml_flower.training import Compute, evaluate
 from strategies.robust import RobustFedAvg, RoundLog
 
 CHECKPOINT_NAME = "checkpoint.ckpt"
@@ -109,9 +109,9 @@ class CentralEvaluation:
         self.recorder = recorder
         self.round_offset = round_offset
         self.resumed = resumed
-        self.model = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes).to(
-            device
-        )
+        model = build_model(cfg.model.meme, data.info.input_shape, data.info.num_classes)
+        self.compute = Compute.resolve(cfg.train.precision, cfg.train.memory_format, device, model)
+        self.model = self.compute.model(model.to(device))
         self.central = method.central_evaluation(cfg, self.model)
         self.t_start = self.t_last = time.monotonic()
         self.last: tuple[int, ArrayRecord] | None = None
@@ -126,9 +126,9 @@ class CentralEvaluation:
         """Central accuracy and loss of ``arrays``; also records and checkpoints the round."""
         central: dict[str, float] = {}
         t0 = time.monotonic()
-        if self.central:
+        if self.central and (server_round == 0 or self.strategy.evaluates(server_round)):
             self.model.load_state_dict(arrays.to_torch_state_dict())
-            res = evaluate(self.model, self.test.x, self.test.y)
+            res = evaluate(self.model, self.test.x, self.test.y, compute=self.compute)
             central = {"central_acc": res.accuracy, "central_loss": res.loss}
         now = time.monotonic()
         central_seconds = now - t0

@@ -54,6 +54,7 @@ def make_strategy(
         min_replies=f.min_replies,
         participation=participation,
         evaluate_in_train=f.evaluation == "in-train",
+        evaluate_every=f.evaluate_every,
         node_wait=f.node_wait,
         round_offset=round_offset,
         aggregator=make_aggregator(

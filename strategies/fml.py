@@ -91,6 +91,8 @@ class FedMutualLearning(RobustFedAvg):
         personalized model before training and send the scores with the training reply;
         they are booked as the previous round's evaluation, and only the last round gets
         an evaluation message (:func:`client_app.fml.train` then needs ``test=``).
+    evaluate_every : int (default: 1)
+        Evaluate the models of every ``evaluate_every``-th round and of the last one.
     node_wait : Optional[float] (default: None)
         Seconds a round waits for enough connected nodes before it raises
         ``NodeWaitTimeout``; ``None`` waits forever (Flower's behaviour).
@@ -126,6 +128,7 @@ class FedMutualLearning(RobustFedAvg):
         weighting: str | None = None,
         participation: Participation | None = None,
         evaluate_in_train: bool = False,
+        evaluate_every: int = 1,
         node_wait: float | None = None,
         round_offset: int = 0,
         weighted_by_key: str = "num-examples",
@@ -156,6 +159,7 @@ class FedMutualLearning(RobustFedAvg):
             weighting=weighting,
             participation=participation,
             evaluate_in_train=evaluate_in_train,
+            evaluate_every=evaluate_every,
             node_wait=node_wait,
             round_offset=round_offset,
             weighted_by_key=weighted_by_key,

@@ -177,6 +177,14 @@ class _Private:
             assert err.result is not None
             return err.result
 
+    def client_results(self, server_round: int | None = None) -> dict[int, dict[str, float]]:
+        """The wrapped strategy's per-client results (see ``RobustFedAvg.client_results``)."""
+        return self.strategy.client_results(server_round)
+
+    def round_log(self, server_round: int):  # type: ignore[no-untyped-def]
+        """The wrapped strategy's round log (see ``RobustFedAvg.round_log``)."""
+        return self.strategy.round_log(server_round)
+
     # ------------------------------------------------------------------ accounting
 
     def event(self) -> GaussianPrivacyEvent:

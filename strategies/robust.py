@@ -58,6 +58,7 @@ class StrategyOptions(TypedDict, total=False):
     weighting: str
     participation: Participation | None
     evaluate_in_train: bool
+    evaluate_every: int
     node_wait: float | None
     round_offset: int
     weighted_by_key: str
@@ -170,6 +171,11 @@ class RobustFedAvg(FedAvg):
         previous round's evaluation (:attr:`RoundLog.evaluated_late`), which is exactly
         what a separate evaluation of that round would have scored for those clients. No
         evaluation message is sent, except after the last round.
+    evaluate_every : int (default: 1)
+        The clients evaluate the models of every ``evaluate_every``-th round (absolute
+        rounds ``k``, ``2k``, ...) and of the last round; the other rounds only train.
+        Training is the same either way (evaluation draws no randomness); a protocol that
+        reports the final round alone saves the evaluation time of the others.
     node_wait : Optional[float] (default: None)
         Seconds a round waits for enough connected nodes (``min_available_nodes`` and the
         sample size). After that it raises :class:`NodeWaitTimeout` naming how many it
@@ -205,6 +211,7 @@ class RobustFedAvg(FedAvg):
         weighting: str = "examples",
         participation: Participation | None = None,
         evaluate_in_train: bool = False,
+        evaluate_every: int = 1,
         node_wait: float | None = None,
         round_offset: int = 0,
         weighted_by_key: str = "num-examples",
@@ -240,6 +247,11 @@ class RobustFedAvg(FedAvg):
         self.weighting = weighting
         self.participation = participation
         self.evaluate_in_train = evaluate_in_train
+        if isinstance(evaluate_every, bool) or not isinstance(evaluate_every, int):
+            raise TypeError(f"evaluate_every must be an int >= 1, got {evaluate_every!r}")
+        if evaluate_every < 1:
+            raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
+        self.evaluate_every = evaluate_every
         self.final_round: int | None = None
         self.node_wait = node_wait
         self.round_offset = round_offset
@@ -269,9 +281,22 @@ class RobustFedAvg(FedAvg):
         """The training ConfigRecord of ``server_round``: ``config`` plus the settings."""
         out = ConfigRecord(dict(config))
         out.update(self.settings(server_round).to_config())
-        if self.evaluate_in_train and self.fraction_evaluate > 0:
+        if (
+            self.evaluate_in_train
+            and self.fraction_evaluate > 0
+            and self.evaluates(server_round - 1)
+        ):
             out[EVALUATE_BEFORE_TRAIN] = True
         return out
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the clients evaluate the models of ``server_round`` (every
+        ``evaluate_every``-th absolute round, and the last).
+        """
+        if server_round < 1:
+            return False
+        last = self.final_round is not None and server_round == self.final_round
+        return last or (server_round + self.round_offset) % self.evaluate_every == 0
 
     def schedules(self) -> dict[str, Schedule]:
         """The per-round values this strategy sends (override to add a method's)."""
@@ -331,6 +356,20 @@ class RobustFedAvg(FedAvg):
             pid = _only_metrics(msg).get("partition_id")
             if isinstance(pid, int | float) and not isinstance(pid, bool):
                 self.node_partitions[int(msg.metadata.src_node_id)] = int(pid)
+
+    def client_results(self, server_round: int | None = None) -> dict[int, dict[str, float]]:
+        """Every client's evaluation metrics of ``server_round`` (default: the last round
+        evaluated), keyed by partition id (node id for a client that reports none), e.g.
+        ``{3: {"personal_acc": 0.91, "global_acc": 0.55, "num-examples": 120.0, ...}}``.
+        The training metrics of a round are in ``round_log(r).train_clients``, the same way.
+        """
+        evaluated = [r for r, book in self.rounds.items() if book.clients]
+        if server_round is None:
+            if not evaluated:
+                return {}
+            server_round = max(evaluated)
+        book = self.rounds.get(server_round)
+        return {} if book is None else dict(book.clients)
 
     def persistent_failures(self) -> list[dict[str, Any]]:
         """The clients whose training failed in every round they were sampled, each time
@@ -486,7 +525,7 @@ class RobustFedAvg(FedAvg):
         """Send the shared global arrays for client-side evaluation to sampled nodes (with
         ``evaluate_in_train``, after the last round only).
         """
-        if self.fraction_evaluate == 0.0:
+        if self.fraction_evaluate == 0.0 or not self.evaluates(server_round):
             return []
         if self.evaluate_in_train and server_round != self.final_round:
             return []

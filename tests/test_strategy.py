@@ -320,3 +320,21 @@ def test_pfllib_distillation_is_sent_and_averages_uniformly() -> None:
     assert FedMutualLearning().weighting == "examples"
     with pytest.raises(ValueError, match="distillation must be one of"):
         FedMutualLearning(distillation="kl")
+
+
+def test_evaluate_every_skips_the_evaluation_of_other_rounds() -> None:
+    from strategies.robust import EVALUATE_BEFORE_TRAIN
+
+    strategy = FedMutualLearning(evaluate_in_train=True, evaluate_every=5)
+    strategy.final_round = 12
+    assert [r for r in range(0, 13) if strategy.evaluates(r)] == [5, 10, 12]
+    # in-train: round r's training message asks for the scores of round r - 1
+    asks = [
+        r for r in range(1, 13) if EVALUATE_BEFORE_TRAIN in strategy.train_config(r, ConfigRecord())
+    ]
+    assert asks == [6, 11]  # round 12, the last, gets an evaluation message
+    resumed = FedMutualLearning(evaluate_every=5, round_offset=3)
+    resumed.final_round = 9
+    assert [r for r in range(1, 10) if resumed.evaluates(r)] == [2, 7, 9]  # absolute 5, 10
+    with pytest.raises(ValueError, match="evaluate_every must be >= 1"):
+        FedMutualLearning(evaluate_every=0)
