@@ -200,6 +200,7 @@ def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pi
         run_dir.rename(aside)
         print(f"  {run.name}: incomplete folder moved to {aside.name}", flush=True)
     print(f"  {run.name}: running ({run.experiment}, {run.overrides})", flush=True)
+    version = code_version(ROOT)  # before the run: the code it runs (a checkout may move on)
     t0 = time.monotonic()
     run_config = {
         "experiment": run.experiment,
@@ -234,7 +235,7 @@ def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pi
         peak_memory_mb=memory.peak_mb,
         supernodes=run.supernodes,
         client_num_cpus=run.num_cpus,
-        **code_version(ROOT),
+        **version,
         machine=machine(),
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
