@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fml_flower.settings import (
+    PerRound,
     RoundSettings,
     Schedule,
     as_schedule,
@@ -262,6 +263,17 @@ class RobustFedAvg(FedAvg):
         their metrics, or ``partition <i>:`` leading an error)."""
         self._warned: set[str] = set()
         self.settings(1)  # validate every value (and a schedule's first one) now
+        self.check_lists()
+
+    def check_lists(self) -> None:
+        """Validate every value of the per-round lists now (as the round's settings)."""
+        lengths = [len(v.values) for v in self.schedules().values() if isinstance(v, PerRound)]
+        for server_round in range(2, max(lengths, default=0) - self.round_offset + 1):
+            try:
+                self.settings(server_round)
+            except ValueError as err:
+                if "no value for round" not in str(err):  # a shorter list: checked at start
+                    raise ValueError(f"round {server_round + self.round_offset}: {err}") from err
 
     # ------------------------------------------------------------------ what is sent
 

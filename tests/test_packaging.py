@@ -105,21 +105,18 @@ def test_version_has_one_source() -> None:
         assert fml_flower.__version__ == tomllib.load(fh)["project"]["version"]
 
 
-def test_readme_plug_in_snippets_are_valid_python_with_real_imports() -> None:
-    """The plug-in section's code blocks compile and every name they import exists."""
-    import ast
-    import importlib
-    import re
+@pytest.mark.packaging
+def test_the_app_stages_for_flower_hub_within_its_limits(tmp_path: Path) -> None:
+    """What ``flwr app publish`` would upload passes Flower 1.42's own checks (file types,
+    1 MB per file, 10 MB and 1,000 files in all, UTF-8, description, app name), carries
+    the license, and keeps the committed results out.
+    """
+    from tools.hub import hub_check, stage
 
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Using the strategy in your own Flower project") :]
-    section = section[: section.index("\n## ", 5)]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) >= 2
-    for block in blocks:
-        tree = ast.parse(block)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                module = importlib.import_module(node.module)
-                for alias in node.names:
-                    assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
+    target = tmp_path / "fml-flower"
+    names = stage(target)
+    hub_check(target)  # raises click.ClickException naming the first problem
+    assert "LICENSE" in names and "pyproject.toml" in names and "README.md" in names
+    assert "strategies/fml.py" in names and "conf/base.yaml" in names
+    assert not [n for n in names if n.startswith("docs/results/")]
+    assert "Apache License" in (target / "LICENSE").read_text()

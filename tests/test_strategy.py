@@ -338,3 +338,87 @@ def test_evaluate_every_skips_the_evaluation_of_other_rounds() -> None:
     assert [r for r in range(1, 10) if resumed.evaluates(r)] == [2, 7, 9]  # absolute 5, 10
     with pytest.raises(ValueError, match="evaluate_every must be >= 1"):
         FedMutualLearning(evaluate_every=0)
+
+
+# ------------------------------------- the plug-in user's mistakes, caught before round 1
+
+
+def test_an_aggregator_given_by_name_is_resolved_and_a_wrong_one_refused() -> None:
+    from strategies.aggregators import Median, TrimmedMean
+
+    assert isinstance(FedMutualLearning(aggregator="median").aggregator, Median)
+    assert repr(FedMutualLearning(aggregator="trimmed-mean").aggregator) == "TrimmedMean(0.1)"
+    assert isinstance(FedMutualLearning(aggregator=TrimmedMean(0.2)).aggregator, TrimmedMean)
+    with pytest.raises(ValueError, match=r"aggregator='mediam' is not a rule name; use one of"):
+        FedMutualLearning(aggregator="mediam")
+    with pytest.raises(TypeError, match=r"aggregator must be None .* got int 42"):
+        FedMutualLearning(aggregator=42)  # type: ignore[arg-type]
+
+
+def test_a_trimmed_mean_that_trims_nothing_is_named_at_the_first_round(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from strategies.aggregators import TrimmedMean
+
+    strategy = FedMutualLearning(
+        aggregator=TrimmedMean(0.1), min_available_nodes=6, min_train_nodes=6
+    )
+    reference = ArrayRecord(_bn_model(0).state_dict())
+    with caplog.at_level("WARNING", logger="flwr"):
+        list(strategy.configure_train(1, reference, ConfigRecord(), _Grid(list(range(1, 7)))))
+    assert "TrimmedMean(0.1) trims int(0.1 x 6) = 0 replies at each end" in caplog.text
+    assert "at least 0.167" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="flwr"):
+        strategy.summary()
+    assert "no weights: every reply counts once" in caplog.text  # not "examples weights"
+
+
+def test_per_round_lists_are_schedules_checked_against_the_rounds() -> None:
+    strategy = FedMutualLearning(alpha=[0.9, 0.5], lr=(0.1, 0.05))
+    assert strategy.settings(2).alpha == 0.5 and strategy.settings(1).lr == 0.1
+    strategy.check_schedules(2)
+    with pytest.raises(ValueError, match=r"lr: the per-round list has 2 values but the run has 3"):
+        strategy.check_schedules(3)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0.0, 1.0\], got 1.5"):
+        FedMutualLearning(alpha=[1.5, 0.5])
+    with pytest.raises(ValueError, match=r"round 2: alpha must be in \[0.0, 1.0\], got 1.5"):
+        FedMutualLearning(alpha=[0.5, 1.5])
+    with pytest.raises(TypeError, match="alpha must be a number, a function of the round"):
+        FedMutualLearning(alpha="0.5")  # type: ignore[arg-type]
+
+
+def test_a_client_error_is_one_line_naming_the_partition_and_left_out_of_the_evaluation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ref = ArrayRecord(_bn_model(0).state_dict())
+    strategy = _strategy(ref)
+    reason = (
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+        "ClientAppException occurred. Message: partition 3: ValueError: the personalized "
+        "model outputs 7, the meme model outputs 10: both must ...\nTraceback (most recent "
+        "call last): ...'>"
+    )
+    with caplog.at_level("WARNING", logger="flwr"):
+        strategy.aggregate_train(
+            1,
+            [
+                _reply(1, ArrayRecord(_bn_model(2).state_dict()), {"num-examples": 5}),
+                _reply(7, None, None, reason),
+            ],
+        )
+    line = (
+        "dropped the reply of partition 3 (node 7): client error: ValueError: the "
+        "personalized model outputs 7, the meme model outputs 10: both must ..."
+    )
+    assert line in caplog.text and "Traceback" not in caplog.text
+    assert strategy.round_log(1).failed == {7: line.split("client error: ")[1]}
+    evaluated = strategy.aggregate_evaluate(
+        1,
+        [
+            _reply(1, None, {"num-examples": 5, "personal_acc": 0.9, "partition_id": 0}),
+            _reply(7, None, {"num-examples": 5, "personal_acc": 0.1, "partition_id": 3}),
+        ],
+    )
+    assert evaluated is not None and evaluated["num_clients"] == 1  # partition 3 left out
+    assert strategy.client_results(1) == {0: {"personal_acc": 0.9, "num-examples": 5.0}}

@@ -459,3 +459,53 @@ def test_auto_memory_format_and_the_bf16_warning(monkeypatch: pytest.MonkeyPatch
         Compute("fp16")
     with pytest.raises(ValueError, match="memory_format must be one of"):
         Compute.resolve("fp32", "nhwc", "cpu")
+
+
+def test_models_with_different_outputs_are_refused_on_the_first_batch_before_any_step() -> None:
+    x, y = _toy()
+    y = y + 7  # labels 7..9
+    local = build_model("mlp", (1, 8, 8), 7, seed=1)  # 7 outputs
+    meme = build_model("mlp", (1, 8, 8), 10, seed=2)
+    before = [p.detach().clone() for p in local.parameters()]
+    with pytest.raises(
+        ValueError, match="the personalized model outputs 7, the meme model outputs 10"
+    ):
+        mutual_learning_epoch(local, meme, sgd(local, 0.1, 0, 0), sgd(meme, 0.1, 0, 0), (x, y), 16)
+    assert all(torch.equal(a, b) for a, b in zip(before, local.parameters(), strict=True))
+    small = build_model("mlp", (1, 8, 8), 7, seed=2)
+    with pytest.raises(
+        ValueError, match=r"labels go from 7 to 9 but the personalized model outputs 7"
+    ):
+        mutual_learning_epoch(
+            local, small, sgd(local, 0.1, 0, 0), sgd(small, 0.1, 0, 0), (x, y), 16
+        )
+    with pytest.raises(ValueError, match=r"labels go from 7 to 9 but the trained model outputs 7"):
+        supervised_epoch(local, sgd(local, 0.1, 0, 0), (x, y), 16)
+
+
+def test_the_plug_in_client_names_its_partition_in_errors_and_metrics() -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from client_app.fml import train as fml_train
+    from fml_flower.settings import RoundSettings
+
+    x, y = _toy()
+    meme = build_model("mlp", (1, 8, 8), 3, seed=2)
+    settings = RoundSettings(lr=0.05, batch_size=16, alpha=0.3, beta=0.6)
+    content = RecordDict(
+        {"arrays": ArrayRecord(meme.state_dict()), "config": ConfigRecord(settings.to_config())}
+    )
+    context = Context(
+        run_id=1, node_id=5, state=RecordDict(), node_config={"partition-id": 4}, run_config={}
+    )
+    local = build_model("mlp", (1, 8, 8), 3, seed=1)
+    reply = fml_train(content, context, meme=meme, local=local, data=(x, y))
+    metrics = reply["metrics"]
+    assert metrics["partition_id"] == 4
+    assert (metrics["lr"], metrics["alpha"], metrics["beta"]) == (0.05, 0.3, 0.6)
+    wrong = build_model("mlp", (1, 8, 8), 7, seed=1)
+    fresh = Context(
+        run_id=1, node_id=6, state=RecordDict(), node_config={"partition-id": 5}, run_config={}
+    )
+    with pytest.raises(ValueError, match=r"^partition 5: ValueError: the personalized model"):
+        fml_train(content, fresh, meme=build_model("mlp", (1, 8, 8), 3), local=wrong, data=(x, y))
