@@ -609,8 +609,10 @@ def resumed_config(folder: str, given: Mapping[str, Any]) -> FMLConfig:
             f"federation.resume_from: {detail}: would change the experiment of {folder}. A "
             f"resumed run takes its configuration from {path.name}; it may only set {allowed}"
         )
-    run_name = {} if "output.run_name" in changed else {"output.run_name": ""}
-    cfg = _with_overrides(saved, {**changed, **run_name, "federation.resume_from": folder})
+    values = dict(changed)
+    values.setdefault("output.run_name", "")  # a folder of its own, unless given
+    values["federation.resume_from"] = folder
+    cfg = _with_values(saved, values)
     validate(cfg)
     logging.getLogger("flwr").info(
         "Resuming %s with its recorded configuration (%s)%s",
@@ -619,6 +621,17 @@ def resumed_config(folder: str, given: Mapping[str, Any]) -> FMLConfig:
         "; overridden: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "",
     )
     return cfg
+
+
+def _with_values(cfg: FMLConfig, values: Mapping[str, Any]) -> FMLConfig:
+    """``cfg`` with dotted keys set to already parsed ``values``."""
+    node = OmegaConf.structured(cfg)
+    try:
+        for key, value in values.items():
+            OmegaConf.update(node, key, value, merge=False)
+        return OmegaConf.to_object(node)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"federation.resume_from: {err}") from err
 
 
 def _with_overrides(cfg: FMLConfig, overrides: Mapping[str, Any]) -> FMLConfig:

@@ -124,31 +124,38 @@ def aggregate_evaluate_metrics(records: list[MetricRecord], weight_key: str) -> 
     return out
 
 
-_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
+_FLOWER_REASON = re.compile(r"^<class '([^']+)'>:<'(.*)'>$", re.DOTALL)
 _SIMULATION_WRAPPER = re.compile(
     r"^\s*Exception ClientAppException occurred\. Message: ", re.DOTALL
 )
-_PARTITION = re.compile(r"^partition (\d+): (.*)$", re.DOTALL)
+_PARTITION = re.compile(r"(?:^|\n|\w: )\s*partition (\d+): ([A-Z]\w*: [^\n]*)")
+_RAISED = re.compile(
+    r"^\s*([A-Z]\w*(?:Error|Exception|Exit|Warning|Timeout|Refused|Model|Mismatch)): (.+)$", re.M
+)
+_WRAPPERS = ("ClientAppException", "RayTaskError")
 
 
 def describe_error(reason: str) -> tuple[int | None, str]:
     """``(partition id or None, one-line reason)`` of a client error reply.
 
-    Flower writes ``<class 'ValueError'>:<'message'>`` (in simulation the class is
-    ``ClientAppException`` and the message starts with ``Exception ClientAppException
-    occurred. Message:``); this project's clients start the message with ``partition <i>:
-    <ExceptionType>: ...``. The first line of the innermost message is kept.
+    Flower writes ``<class 'ValueError'>:<'message'>``; in a simulation the class is a
+    wrapper (``ClientAppException``, or Ray's ``RayTaskError(ClientAppException)`` whose
+    message holds the whole traceback). This project's clients start their message with
+    ``partition <i>: <ExceptionType>: ...``. The line kept is that one, else the raised
+    exception's ``Type: message`` line of a traceback, else the first line.
     """
-    kind, text = None, reason
-    match = _FLOWER_REASON.match(reason.strip())
+    kind, text = None, reason.strip()
+    match = _FLOWER_REASON.match(text)
     if match:
-        kind, text = match.group(1), match.group(2)
+        kind, text = match.group(1).rsplit(".", 1)[-1], match.group(2)
     text = _SIMULATION_WRAPPER.sub("", text).strip()
-    partition = None
-    found = _PARTITION.match(text)
+    found = _PARTITION.search(text)
     if found:  # "partition <i>: <ExceptionType>: ..." names the type itself
-        partition, text = int(found.group(1)), found.group(2)
-    elif kind and kind != "ClientAppException":
-        text = f"{kind}: {text}"
-    first = text.strip().splitlines()[0] if text.strip() else reason.strip()
-    return partition, first
+        return int(found.group(1)), found.group(2).strip()
+    raised = [m for m in _RAISED.finditer(text) if not m.group(1).startswith(_WRAPPERS)]
+    if raised:
+        return None, f"{raised[-1].group(1)}: {raised[-1].group(2).strip()}"
+    first = text.splitlines()[0].strip() if text.strip() else reason.strip()
+    if kind and not kind.startswith(_WRAPPERS):
+        first = f"{kind}: {first}"
+    return None, first

@@ -614,10 +614,14 @@ class RobustFedAvg(FedAvg):
         raised = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
         if not replies or not all(m.has_error() and m.error.code in raised for m in replies):
             return
-        kinds = {m.error.reason.split(":<", 1)[0] for m in replies}
+        short = [describe_error(m.error.reason)[1] for m in replies]
+        kinds = {reason.split(":", 1)[0] for reason in short}
         if len(kinds) != 1:
             return
-        reasons = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies]
+        reasons = [
+            f"{self.client_label(int(m.metadata.src_node_id))}: {reason}"
+            for m, reason in zip(replies, short, strict=True)
+        ]
         raise ClientsRefused(
             f"round {server_round}: every sampled client ({len(replies)}) failed with "
             f"{kinds.pop()}; the run stops (the results of the rounds before are written). "

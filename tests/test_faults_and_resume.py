@@ -22,6 +22,7 @@ from client_app.app import evaluate, train
 from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import load_config
 from server_app.app import run_fml
+from strategies.robust import ClientsRefused
 
 
 @pytest.fixture(autouse=True)
@@ -152,3 +153,81 @@ def test_resume_errors_are_named(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"no checkpoint\.ckpt in"):
         resume_point(load_config("base", {"federation.resume_from": str(tmp_path)}))
+
+
+def _plain_server(cfg_of: Callable[[], object]) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_fml(grid, cfg_of(), context.run_id)  # type: ignore[arg-type]
+
+    return app
+
+
+def _round_three_fails(msg: Message, context: Context, call_next: Callable) -> Message:
+    if msg.metadata.message_type == MessageType.TRAIN and msg.content["config"]["round"] == 3:
+        raise RuntimeError("injected: this node is lost in round 3")
+    return call_next(msg, context)
+
+
+@pytest.mark.simulation
+def test_a_run_resumed_with_resume_from_alone_ends_as_the_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    """``federation.resume_from=<folder>`` and nothing else: the server takes the recorded
+    configuration (non-default keys included), the clients get it in every message (the
+    simulation gives them an empty run-config), and the continued run's last round equals
+    the uninterrupted run's.
+    """
+    from client_app.app import app as client
+    from fml_flower.config import config_from_run_config
+
+    settings = {**BASE, "federation.num_rounds": 3, "output.dir": str(tmp_path)}
+    full = {**settings, "federation.state_dir": str(tmp_path / "s1"), "output.run_name": "full"}
+    cut = {**settings, "federation.state_dir": str(tmp_path / "s2"), "output.run_name": "cut"}
+    backend = {"client_resources": {"num_cpus": 1}}
+    run_simulation(
+        _plain_server(lambda: load_config("base", full)), client, 4, backend_config=backend
+    )
+    failing = ClientApp(mods=[_round_three_fails])
+    failing.train()(train)
+    failing.evaluate()(evaluate)
+    with pytest.raises(ClientsRefused, match=r"RuntimeError: injected: this node is lost"):
+        run_simulation(
+            _plain_server(lambda: load_config("base", cut)), failing, 4, backend_config=backend
+        )
+    stopped = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert stopped["run"]["finished"] is False
+    assert "ClientsRefused" in stopped["run"]["failed"]
+    assert max(r["round"] for r in stopped["rounds"]) == 2
+    resume_only = {"federation.resume_from": str(tmp_path / "cut")}
+    resumed_cfg = config_from_run_config(resume_only)
+    assert resumed_cfg.train.lr_decay_every == 2 and resumed_cfg.model.local == "mlp"
+    run_simulation(_plain_server(lambda: resumed_cfg), client, 4, backend_config=backend)
+    (folder,) = [p for p in tmp_path.iterdir() if p.name.endswith("-base")]
+    resumed = json.loads((folder / "metrics.json").read_text())
+    expected = json.loads((tmp_path / "full" / "metrics.json").read_text())["rounds"][3]
+    last = resumed["rounds"][3]
+    assert resumed["run"]["finished"] and last["round"] == 3
+    for key in ("personal_acc", "global_acc", "central_acc", "train_loss_local", "lr"):
+        assert last[key] == expected[key], key
+
+
+def test_a_resume_that_would_change_the_experiment_is_refused_by_name(tmp_path: Path) -> None:
+    from fml_flower.config import ConfigError, config_from_run_config, to_yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_config("base", BASE)))
+    cfg = config_from_run_config({"federation.resume_from": str(run), "federation.num_rounds": 20})
+    assert cfg.federation.num_rounds == 20 and cfg.model.meme == "mlp"
+    assert cfg.output.run_name == ""  # the continued run gets a folder of its own
+    with pytest.raises(ConfigError, match=r"train.method='fedavg' \(the run has 'fml'\)"):
+        config_from_run_config({"federation.resume_from": str(run), "train.method": "fedavg"})
+    with pytest.raises(ConfigError, match=r"model.local='cnn' \(the run has 'mlp'\)"):
+        config_from_run_config(
+            {"federation.resume_from": str(run), "overrides": "{model.local: cnn}"}
+        )
+    with pytest.raises(ConfigError, match=r"no config\.yaml in"):
+        config_from_run_config({"federation.resume_from": str(tmp_path)})
