@@ -106,3 +106,50 @@ def test_p4_curve_groups_runs_by_method_and_n(tmp_path) -> None:
     assert "| local | 100 | 45.00 (one seed) |" in text
     assert main(["--dir", str(tmp_path)]) == 0
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def _finished(folder: Path, personal: list[float], central: float, clients: dict) -> None:
+    """A finished run: its rounds' personalized accuracies, the final central one."""
+    folder.mkdir(parents=True)
+    cfg = load_config("base", {"federation.num_rounds": len(personal)})
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    rounds = [{"round": 0, "seconds": 0.0}] + [
+        {"round": r, "personal_acc": v, "central_acc": central, "clients": clients}
+        for r, v in enumerate(personal, start=1)
+    ]
+    run = {"finished": "now", "commit": "abcdef0123", "machine": "cpu, 2 cores"}
+    (folder / "metrics.json").write_text(json.dumps({"run": run, "rounds": rounds}))
+
+
+def test_p2_report_gives_final_last5_and_best_over_seeds(tmp_path: Path) -> None:
+    from tools.evidence import p2_report
+
+    clients = {"0": {"personal_acc": 0.5}, "1": {"personal_acc": 0.7}}
+    _finished(tmp_path / "fml", [0.1, 0.2, 0.6, 0.5, 0.5, 0.5], 0.3, clients)
+    _finished(tmp_path / "fml-seed43", [0.1, 0.2, 0.4, 0.7, 0.7, 0.7], 0.5, clients)
+    _finished(tmp_path / "local", [0.3] * 6, 0.0, clients)
+    (tmp_path / "ditto").mkdir()  # unfinished: no files
+    text = p2_report(tmp_path).read_text()
+    # final 0.5 and 0.7; last 5 means 0.46 and 0.54; best 0.6 (round 3) and 0.7 (round 4)
+    assert (
+        "| fml | 42, 43 | 60.00 ± 14.14 | 50.00 ± 5.66 | 65.00 ± 7.07 (best; rounds 3, 4)" in text
+    )
+    assert "| local | 42 | 30.00 (1 seed) |" in text
+    assert "| fml | 50.0 | 70.0 |" in text  # every client's final, mean over seeds
+    assert "Not finished (left out): ditto." in text
+    assert "commit abcdef0" in text
+    assert (tmp_path / "accuracy.png").is_file()
+
+
+def test_p5_report_maps_fml_against_the_best_other_method(tmp_path: Path) -> None:
+    from tools.evidence import p5_report
+
+    values = {"fml": (0.6, 0.30), "local": (0.5, 0.0), "ditto": (0.65, 0.31), "fedavg": (0.4, 0.25)}
+    for method, (acc, central) in values.items():
+        _finished(tmp_path / f"a0.5-n100-{method}", [acc], central, {})
+        _finished(tmp_path / f"a0.1-n100-{method}", [acc + 0.1 * (method == "fml")], central, {})
+    text = p5_report(tmp_path).read_text()
+    assert "| 0.5 | -5.00 |" in text  # FML 60 vs Ditto 65
+    assert "| 0.1 | +5.00 |" in text  # FML 70 vs Ditto 65
+    assert "| 0.5 | +5.00 |" in text.split("FedAvg's (central")[1]  # 30 vs 25 central
+    assert (tmp_path / "heatmaps.png").is_file()
