@@ -1,7 +1,8 @@
 """Start a Flower SuperLink on loopback and run this app through ``flwr run``.
 
 :func:`simulation_superlink` starts a simulation SuperLink; :func:`deployment` a
-deployment-runtime SuperLink with real SuperNodes (see ``docs/deployment.md``).
+deployment-runtime SuperLink with real SuperNodes, over TLS with SuperNode
+authentication if asked (see ``docs/deployment.md``).
 
 Used by the tests and scripts (not by the app itself): every process is started and
 stopped by PID, in a private ``FLWR_HOME``, bounded in time. Plain ``subprocess``.
@@ -18,12 +19,15 @@ import subprocess
 import time
 import tomllib
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 
 import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MAKE_NODE_KEYS = ROOT / "scripts" / "make_node_keys.sh"
 
 QUIET_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -403,11 +407,29 @@ def node_config_arg(config: Mapping[str, object]) -> str:
     return " ".join(parts)
 
 
+def make_node_keys(out: Path, count: int, timeout: float = 60) -> list[Path]:
+    """SuperNode authentication key pairs ``out/node<i>.key``/``.pub`` for ``i < count``.
+
+    Runs ``scripts/make_node_keys.sh`` (ssh-keygen, ECDSA P-384, OpenSSH format: what
+    Flower 1.42 loads); existing pairs are kept. Returns the private keys' paths.
+    """
+    subprocess.run(
+        ["bash", str(MAKE_NODE_KEYS), str(out), str(count)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return [out / f"node{i}.key" for i in range(count)]
+
+
 class Deployment:
     """A running SuperLink (deployment runtime) and its SuperNodes; see :func:`deployment`.
 
     ``connection`` names the SuperLink connection in ``flwr_home/config.toml``;
     ``address`` is the SuperLink's one ``host:port`` (Fleet, Control and Runtime APIs).
+    With ``auth`` (SuperNode authentication, TLS only) node ``i`` signs its requests with
+    ``keys_dir/node<i>.key``; :meth:`register_node` registers ``keys_dir/node<i>.pub``.
     """
 
     def __init__(
@@ -419,12 +441,20 @@ class Deployment:
         tls_dir: Path | None,
         connection: str = "deployment",
         superexec_poll_interval: float | None = SUPEREXEC_POLL_INTERVAL,
+        auth: bool = False,
+        keys_dir: Path | None = None,
     ) -> None:
+        if auth and tls_dir is None:
+            raise ValueError("SuperNode authentication needs TLS (tls_dir): Flower refuses it")
         self.flwr_home, self.cwd, self.address = flwr_home, cwd, address
         self.superexec_poll_interval = superexec_poll_interval
         self.node_configs, self.tls_dir, self.connection = node_configs, tls_dir, connection
+        self.auth = auth
+        self.keys_dir = (keys_dir or flwr_home / "node-keys") if auth else None
         self.nodes: list[subprocess.Popen | None] = [None] * len(node_configs)
         self.node_ports: list[int] = [free_port() for _ in node_configs]
+        self.registered: list[int | None] = [None] * len(node_configs)
+        """Node ``i``'s node ID from :meth:`register_node` (None: not registered)."""
         self.superlink: subprocess.Popen | None = None
         self.superlink_args: list[str] = []
 
@@ -432,6 +462,14 @@ class Deployment:
     def ca(self) -> Path | None:
         """The CA certificate the clients trust (None: insecure)."""
         return self.tls_dir / "ca.crt" if self.tls_dir is not None else None
+
+    def node_key(self, i: int) -> Path | None:
+        """Node ``i``'s private key (``--auth-supernode-private-key``); None without auth."""
+        return self.keys_dir / f"node{i}.key" if self.keys_dir is not None else None
+
+    def node_public_key(self, i: int) -> Path | None:
+        """Node ``i``'s public key (what ``flwr supernode register`` takes)."""
+        return self.keys_dir / f"node{i}.pub" if self.keys_dir is not None else None
 
     def node_log(self, i: int) -> Path:
         """SuperNode ``i``'s log file (stdout and stderr, appended across restarts)."""
@@ -441,15 +479,129 @@ class Deployment:
         """The ``flower-supernode`` command line of node ``i``."""
         cmd = ["flower-supernode", "--superlink", self.address]
         cmd += ["--root-certificates", str(self.ca)] if self.ca is not None else ["--insecure"]
+        if (key := self.node_key(i)) is not None:
+            cmd += ["--auth-supernode-private-key", str(key)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.node_ports[i])]
         if self.node_configs[i]:
             cmd += ["--node-config", node_config_arg(self.node_configs[i])]
         return cmd
 
-    def start_node(self, i: int) -> subprocess.Popen:
-        """Start SuperNode ``i`` (again) with its node config; it connects on its own."""
+    def _flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["flwr", *args],
+            env=env_for(self.flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def register_node(self, i: int) -> int:
+        """Register node ``i``'s public key with the SuperLink (``flwr supernode register
+        <node<i>.pub> <connection> --name node<i>``, Control API); returns its node ID, the
+        ID the node gets whenever it connects with that key.
+        """
+        public_key = self.node_public_key(i)
+        if public_key is None:
+            raise RuntimeError("this deployment has no SuperNode authentication")
+        out = self._flwr(
+            "supernode",
+            "register",
+            str(public_key),
+            self.connection,
+            "--name",
+            f"node{i}",
+            "--format",
+            "json",
+        )
+        try:
+            reply = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            reply = {}
+        # `--format json` exits 0 also when the SuperLink refuses: read `success`
+        if out.returncode != 0 or not reply.get("success"):
+            raise RuntimeError(
+                f"flwr supernode register {public_key} failed: {out.stdout}{out.stderr}"
+            )
+        self.registered[i] = int(reply["node-id"])
+        return self.registered[i]
+
+    def unregister_node(self, i: int) -> None:
+        """Unregister node ``i``'s node ID (``flwr supernode unregister``): the SuperLink
+        refuses its key from then on, for good (a key cannot be registered twice).
+        """
+        node_id = self.registered[i]
+        if node_id is None:
+            raise RuntimeError(f"SuperNode {i} is not registered")
+        out = self._flwr("supernode", "unregister", str(node_id), self.connection)
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr supernode unregister {node_id} failed: {out.stdout}")
+        self.registered[i] = None
+
+    def rekey_node(self, i: int) -> int:
+        """Give node ``i`` a new identity: unregister its node ID, make a new key pair and
+        register it; returns the new node ID (start the node afterwards).
+
+        For a node that died mid-run and should rejoin without waiting: Flower answers
+        the old ID's pending messages with an error as soon as the ID is unregistered,
+        instead of when its heartbeat expires, and the new key is accepted at once.
+        """
+        if self.keys_dir is None:
+            raise RuntimeError("this deployment has no SuperNode authentication")
+        if (proc := self.nodes[i]) is not None and proc.poll() is None:
+            raise RuntimeError(f"SuperNode {i} is running (PID {proc.pid}): stop it first")
+        if self.registered[i] is not None:
+            self.unregister_node(i)
+        for suffix in (".key", ".pub"):
+            (self.keys_dir / f"node{i}{suffix}").unlink(missing_ok=True)
+        make_node_keys(self.keys_dir, i + 1)  # makes only the missing pair
+        return self.register_node(i)
+
+    def node_statuses(self) -> dict[int, str]:
+        """Every node ID the SuperLink knows and its status (``registered``, ``online``,
+        ``offline``, ``unregistered``), from ``flwr supernode ls``.
+        """
+        out = self._flwr("supernode", "ls", self.connection, "--format", "json")
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr supernode ls failed: {out.stdout}{out.stderr}")
+        nodes = json.loads(out.stdout).get("nodes", [])
+        return {int(n["node-id"]): str(n.get("status")) for n in nodes}
+
+    def node_ids(self) -> list[int]:
+        """IDs of the SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
+        return [node_id for node_id, status in self.node_statuses().items() if status == "online"]
+
+    def wait_until_offline(self, node_id: int, timeout: float = 120) -> float:
+        """Wait until the SuperLink no longer lists ``node_id`` as online; returns the
+        seconds waited. A SuperNode that died without deactivating stays online until
+        its heartbeat expires (up to 60 s after its last heartbeat in Flower 1.42).
+        """
+        start = time.monotonic()
+        while self.node_statuses().get(node_id) == "online":
+            if time.monotonic() - start > timeout:
+                raise RuntimeError(f"node {node_id} still online after {timeout:.0f} s")
+            time.sleep(1)
+        return time.monotonic() - start
+
+    def start_node(self, i: int, timeout: float = 120) -> subprocess.Popen:
+        """Start SuperNode ``i`` (again) with its node config; it connects on its own.
+
+        With authentication a restarted node comes back under its registered node ID.
+        Flower activates that ID only when the SuperLink does not list it as online
+        (``activate_node`` in ``flwr/server/superlink/linkstate/sql_linkstate.py``), and a
+        node that died without deactivating stays online until its heartbeat expires; a
+        node started before that exits at once (``[code: 2004] Failed to activate
+        SuperNode``). So the harness first waits (up to ``timeout`` seconds) until the ID is
+        no longer online, and the node keeps its node ID. The round that was waiting for
+        the dead node still waits until that expiry; :meth:`rekey_node` before the start
+        avoids that, at the price of a new node ID. (With the SuperLink down there is
+        nothing to ask: the node is started at once and connects when the SuperLink is back.)
+        """
         if (old := self.nodes[i]) is not None and old.poll() is None:
             raise RuntimeError(f"SuperNode {i} is already running (PID {old.pid})")
+        link_up = self.superlink is not None and self.superlink.poll() is None
+        if old is not None and link_up and (node_id := self.registered[i]) is not None:
+            self.wait_until_offline(node_id, timeout)
         with open(self.node_log(i), "a") as log:
             log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {self.supernode_command(i)}\n")
             log.flush()
@@ -468,7 +620,9 @@ class Deployment:
         return proc
 
     def stop_node(self, i: int, timeout: float = 20) -> int | None:
-        """Stop SuperNode ``i`` (SIGTERM: it deregisters); returns its exit code."""
+        """Stop SuperNode ``i`` (SIGTERM: it deactivates, and without authentication also
+        unregisters); returns its exit code.
+        """
         proc = self.nodes[i]
         if proc is None:
             return None
@@ -527,19 +681,6 @@ class Deployment:
             time.sleep(0.2)
         return proc.returncode
 
-    def node_ids(self) -> list[int]:
-        """IDs of the SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
-        out = subprocess.run(
-            ["flwr", "supernode", "ls", self.connection, "--format", "json"],
-            env=env_for(self.flwr_home),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        nodes = json.loads(out.stdout).get("nodes", [])
-        return [int(n["node-id"]) for n in nodes if n.get("status") == "online"]
-
     def wait_for_nodes(self, n: int, timeout: float = 120) -> list[int]:
         """Wait until exactly ``n`` SuperNodes are online; returns their IDs."""
         deadline = time.monotonic() + timeout
@@ -574,6 +715,9 @@ def deployment(
     tls_dir: Path | None = None,
     timeout: float = 90,
     superexec_poll_interval: float | None = SUPEREXEC_POLL_INTERVAL,
+    auth: bool | None = None,
+    keys_dir: Path | None = None,
+    unregistered: Collection[int] = (),
 ) -> Iterator[Deployment]:
     """A deployment-runtime SuperLink and ``num_nodes`` SuperNodes on loopback.
 
@@ -589,9 +733,21 @@ def deployment(
     ``superexec_poll_interval`` sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the nodes
     (how often a node's SuperExec looks for a message to start a ClientApp for; Flower's
     default is 1 s); None keeps Flower's default.
+
+    ``auth`` (default: on exactly when ``tls_dir`` is given; Flower allows it only over
+    TLS): SuperNode authentication. The SuperLink runs with ``--enable-supernode-auth``;
+    key pairs ``keys_dir/node<i>.key``/``.pub`` (default ``flwr_home/node-keys``; made
+    with ``scripts/make_node_keys.sh`` where missing) are made, each public key is
+    registered (:meth:`Deployment.register_node`), and each SuperNode starts with
+    ``--auth-supernode-private-key``. Nodes listed in ``unregistered`` get a key pair
+    that is not registered (for tests: the SuperLink refuses them).
     """
     if len(node_configs) != num_nodes:
         raise ValueError(f"{len(node_configs)} node configs for {num_nodes} nodes")
+    if auth is None:
+        auth = tls_dir is not None
+    if unregistered and not auth:
+        raise ValueError("`unregistered` nodes need SuperNode authentication")
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     dep = Deployment(
@@ -601,6 +757,8 @@ def deployment(
         node_configs,
         tls_dir,
         superexec_poll_interval=superexec_poll_interval,
+        auth=auth,
+        keys_dir=keys_dir,
     )
     _write_connection(flwr_home, dep.connection, dep.address, dep.ca)
     if tls_dir is not None:
@@ -614,9 +772,14 @@ def deployment(
         ]
     else:
         tls = ["--insecure"]
-    dep.superlink_args = tls
+    dep.superlink_args = tls + (["--enable-supernode-auth"] if auth else [])
+    if dep.keys_dir is not None and num_nodes:
+        make_node_keys(dep.keys_dir, num_nodes)
     try:
         dep.start_superlink(timeout)
+        for i in range(num_nodes):
+            if dep.auth and i not in unregistered:
+                dep.register_node(i)
         for i in range(num_nodes):
             dep.start_node(i)
         yield dep
