@@ -676,11 +676,13 @@ class RobustFedAvg(FedAvg):
         replies = list(replies)
         book = self.round_log(server_round)
         valid = replies if book.screened else self.screen_train_replies(server_round, replies)
+        if self.evaluate_in_train:  # scores of the round before's models: every reply that
+            # has metrics counts (one whose arrays were dropped scored unaffected models)
+            scored = [m for m in replies if not m.has_error() and m.content.metric_records]
+            self.book_late_evaluation(server_round - 1, scored)
         if not valid:
             log(WARNING, "round %d: no valid reply; the global model stays", server_round)
             return None, None
-        if self.evaluate_in_train:
-            self.book_late_evaluation(server_round - 1, valid)
         metrics = [_train_part(_only_metrics(m)) for m in valid]
         examples = [float(m[self.weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
         weights = examples if self.weighting == "examples" else [1.0] * len(valid)

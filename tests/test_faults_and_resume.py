@@ -106,7 +106,7 @@ def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.simulation
 def test_crash_and_nan_nodes_are_dropped_and_counted(faulty_run: Path) -> None:
     metrics = json.loads((faulty_run / "metrics.json").read_text())
-    assert "finished" in metrics["run"]
+    assert metrics["run"]["finished"]
     rounds = [r for r in metrics["rounds"] if r["round"] > 0]
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
@@ -118,6 +118,15 @@ def test_crash_and_nan_nodes_are_dropped_and_counted(faulty_run: Path) -> None:
         assert r["aggregated"] is True
         assert np.isfinite(r["central_acc"])  # the NaN reply never reached the average
         assert set(r["clients_train"]) == {"0", "3"}
+        (label,) = r["clients_failed"]  # the client, by partition, and why, in one line
+        assert label.startswith("partition 1 (node ")
+        assert r["clients_failed"][label] == "RuntimeError: injected crash on partition 1"
+    # the client that failed every round is named once, with its reason; it is not counted
+    # in the evaluation of the rounds its training failed
+    (failing,) = metrics["run"]["failing_clients"]
+    assert failing["partition_id"] == 1 and failing["rounds"] == [1, 2]
+    assert failing["reason"] == "RuntimeError: injected crash on partition 1"
+    assert all(r["clients_evaluated"] == 3 and set(r["clients"]) == {"0", "2", "3"} for r in rounds)
     ckpt = load_checkpoint(faulty_run / "checkpoint.ckpt")
     assert ckpt["round"] == 2
     assert all(np.isfinite(v.numpy()).all() for v in ckpt["arrays"].values())

@@ -292,6 +292,12 @@ def test_a_round_waits_a_bounded_time_for_nodes_then_stops_naming_them() -> None
     assert sorted(patient.sample(1, _DyingGrid([7], [7, 9]), 1.0, 2)) == [7, 9]  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="node_wait"):
         FedMutualLearning(node_wait=0)
+    # once the partitions are known, the stop names the missing one, not the survivors
+    strategy.node_partitions = {7: 0, 8: 1, 9: 2}
+    with pytest.raises(
+        NodeWaitTimeout, match=r"Missing: partition 2 \(last seen as node 9\)\. The run stops"
+    ):
+        strategy.sample(4, _DyingGrid([7, 8]), 1.0, 3)  # type: ignore[arg-type]
 
 
 def test_every_client_failing_the_same_way_stops_the_run_with_their_reasons() -> None:
