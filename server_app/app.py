@@ -296,23 +296,11 @@ def end_run(
     failure: str | None = None,
 ) -> None:
     """Write the run's end into ``metrics.json`` (``finished``: the time, or ``false`` with
-    ``failed``: the reason), name the clients that failed in every round they were sampled
-    (once, here and in ``metrics.json``: ``failing_clients``), and draw the plots.
+    ``failed``: the reason), with the clients that failed in every round they were sampled
+    (``failing_clients``; the strategy named them in the log as its ``start`` ended), and
+    draw the plots.
     """
     failing = strategy.persistent_failures()
-    for item in failing:
-        who = (
-            f"partition {item['partition_id']} (node {item['node_id']})"
-            if item["partition_id"] is not None
-            else f"node {item['node_id']}"
-        )
-        log(
-            WARNING,
-            "%s failed in every round it was sampled (%d rounds), always with: %s",
-            who,
-            len(item["rounds"]),
-            item["reason"],
-        )
     now = datetime.now().isoformat(timespec="seconds")
     done = recorder.rounds[-1]["round"] - offset if recorder.rounds else 0
     info: dict = {"seconds": time.monotonic() - t0, "rounds_completed": done}

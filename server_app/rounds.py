@@ -209,14 +209,14 @@ class CentralEvaluation:
             return
         server_round, arrays = self.last
         book = self.strategy.round_log(server_round)
-        if book.evaluate_metrics:
-            return
-        self.strategy.final_round = server_round
-        messages = self.strategy.configure_evaluate(
-            server_round, arrays, ConfigRecord(self.sent_config), grid
+        if not book.evaluate_metrics:  # (a DP wrapper's start may have scored it already)
+            config = ConfigRecord(self.sent_config)
+            self.strategy.score_last_round(grid, arrays, config, timeout)
+        record = next(
+            r for r in self.recorder.rounds if r["round"] == server_round + self.round_offset
         )
-        replies = grid.send_and_receive(messages, timeout=timeout)
-        self.strategy.aggregate_evaluate(server_round, replies)
+        if record.get("clients_evaluated"):
+            return  # already in the record
         fields = self.evaluation_fields(book)
         self.recorder.amend_round(server_round + self.round_offset, fields)
         log(
@@ -256,7 +256,8 @@ class CentralEvaluation:
             replies_missing=max(book.train_sent - book.train_replies, 0),
             dropped_reasons=book.train_dropped + book.evaluate_dropped,
             clients_failed={
-                self.strategy.client_label(node): reason for node, reason in book.failed.items()
+                self.strategy.client_label(node): reason
+                for node, reason in book.failed_nodes.items()
             },
             clients={str(k): v for k, v in sorted(book.clients.items())},
             clients_train={str(k): v for k, v in sorted(book.train_clients.items())},

@@ -73,6 +73,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from strategies.aggregators import Mean
 from strategies.robust import EvaluateFn, RobustFedAvg, RunStopped, run_keeping_result
 
 
@@ -98,9 +99,17 @@ class _Private:
         delta: float,
         max_epsilon: float | None,
         prior_releases: int,
+        noise_seed: int | None = None,
     ) -> None:
         if not isinstance(strategy, RobustFedAvg):
             raise TypeError("differential privacy wraps a RobustFedAvg (any strategy here)")
+        if not isinstance(strategy.aggregator, Mean):
+            raise ValueError(
+                f"differential privacy with aggregator={strategy.aggregator!r}: the noise and "
+                "the accountant are calibrated to the mean of the clipped updates; a robust "
+                "rule has another sensitivity, and the epsilon reported would not hold. Use "
+                "the mean (aggregator=None) with DP"
+            )
         if strategy.weighting != "uniform":
             raise ValueError(
                 "differential privacy needs uniform averaging weights (the noise is "
@@ -134,6 +143,7 @@ class _Private:
         elif prior_releases < 0:
             raise ValueError("prior_releases must be >= 0")
         self._clipped_with: float | None = None
+        self.noise_seed = noise_seed
         self.stopped: str | None = None
         """Why the last ``start`` ended before its last round (the privacy budget), or None."""
 
@@ -174,8 +184,14 @@ class _Private:
         except BudgetExhausted as err:
             self.stopped = f"privacy budget exhausted: {err}"
             log(INFO, "The run stops before its next round: %s", self.stopped)
-            assert err.result is not None
-            return err.result
+            result = err.result
+            assert result is not None
+            config = ConfigRecord(dict(evaluate_config or {}))
+            scored = inner.score_last_round(grid, result.arrays, config, timeout)
+            if scored is not None:  # the last trained round, scored by the clients now
+                last = max(r for r, book in inner.rounds.items() if book.train_sent)
+                result.evaluate_metrics_clientapp[last] = scored
+            return result
 
     def client_results(self, server_round: int | None = None) -> dict[int, dict[str, float]]:
         """The wrapped strategy's per-client results (see ``RobustFedAvg.client_results``)."""
@@ -220,7 +236,7 @@ class _Private:
             if acc.would_exceed(self.event(), max_epsilon=self.max_epsilon):
                 raise BudgetExhausted(
                     f"round {server_round + self.strategy.round_offset}: its release would "
-                    f"exceed privacy.max_epsilon={self.max_epsilon:g} (spent so far: epsilon "
+                    f"exceed max_epsilon={self.max_epsilon:g} (spent so far: epsilon "
                     f"{self.epsilon():.4f} at delta {self.delta:g} after {acc.num_releases} "
                     "rounds)"
                 )
@@ -265,6 +281,8 @@ class _Private:
             sent = msg.content[inner.arrayrecord_key]
             msg.content[inner.arrayrecord_key] = ArrayRecord({k: sent[k] for k in reference})
         self._clipped_with = self.clipping_norm
+        if self.noise_seed is not None:  # Flower draws the noise from NumPy's global generator
+            np.random.seed([self.noise_seed, server_round + inner.round_offset])
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         released = arrays is not None
         if released:
@@ -372,6 +390,7 @@ def differential_privacy(
     clip_norm_lr: float = 0.2,
     clipped_count_stddev: float | None = None,
     prior_releases: int = 0,
+    noise_seed: int | None = None,
 ) -> Strategy:
     """``strategy`` wrapped in Flower's DP wrapper for ``mode``, with accounting.
 
@@ -402,6 +421,16 @@ def differential_privacy(
         ``clipped_count_stddev`` (``None``: ``num_sampled_clients / 20``).
     prior_releases : int (default: 0)
         Rounds released before (a resumed run): composed into the accountant first.
+    noise_seed : Optional[int] (default: None)
+        Seed the noise (per round), for reproducible experiments. Never in a deployment
+        meant to protect anyone: noise drawn from a known seed can be subtracted. None:
+        fresh noise (NumPy's global generator, as Flower draws it).
+
+    Raises
+    ------
+    ValueError
+        A strategy that does not average uniformly, or averages with a robust rule (the
+        noise is calibrated to the plain mean of the clipped updates).
     """
     population = population_size if population_size is not None else num_sampled_clients
     wrapper: _Private
@@ -422,7 +451,9 @@ def differential_privacy(
         )
     else:
         raise ValueError(f"unknown privacy mode '{mode}'; one of {list(MODES)}")
-    wrapper._setup(strategy, noise_multiplier, population, delta, max_epsilon, prior_releases)
+    wrapper._setup(
+        strategy, noise_multiplier, population, delta, max_epsilon, prior_releases, noise_seed
+    )
     return wrapper  # type: ignore[return-value]
 
 

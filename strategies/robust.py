@@ -102,8 +102,10 @@ class RoundLog:
     sampled: list[int] = field(default_factory=list)
     """Node ids sampled for training."""
     failed: dict[int, str] = field(default_factory=dict)
-    """Node id -> one-line reason, for the clients whose training failed this round (their
-    evaluation of this round is left out)."""
+    """Client (partition id, else node id) -> one-line reason, for the clients whose
+    training failed this round (their evaluation of this round is left out)."""
+    failed_nodes: dict[int, str] = field(default_factory=dict)
+    """The same, by node id."""
 
 
 class RobustFedAvg(FedAvg):
@@ -348,6 +350,41 @@ class RobustFedAvg(FedAvg):
             evaluate_fn,
         )
 
+    def score_last_round(
+        self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+    ) -> MetricRecord | None:
+        """With ``evaluate_in_train``, a run that stops early (a privacy budget, every
+        client refusing) has not had its last trained round scored by the clients: send
+        that round's evaluation messages now (``arrays``: its global model) and aggregate
+        them into its round log. Returns the aggregated metrics (None: nothing to do).
+        """
+        trained = [r for r, book in self.rounds.items() if book.train_sent]
+        if not self.evaluate_in_train or not trained:
+            return None
+        server_round = max(trained)
+        if self.rounds[server_round].evaluate_metrics:
+            return None
+        self.final_round = server_round
+        messages = self.configure_evaluate(server_round, arrays, config, grid)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        return self.aggregate_evaluate(server_round, replies)
+
+    def log_persistent_failures(self) -> None:
+        """Name, once, every client that failed in every round it was sampled."""
+        for item in self.persistent_failures():
+            who = (
+                f"partition {item['partition_id']} (node {item['node_id']})"
+                if item["partition_id"] is not None
+                else f"node {item['node_id']}"
+            )
+            log(
+                WARNING,
+                "%s failed in every round it was sampled (%d rounds), always with: %s",
+                who,
+                len(item["rounds"]),
+                item["reason"],
+            )
+
     def check_schedules(self, num_rounds: int) -> None:
         """Refuse, before round 1, a per-round list shorter than the run."""
         for name, schedule in self.schedules().items():
@@ -392,7 +429,7 @@ class RobustFedAvg(FedAvg):
         for r, book in sorted(self.rounds.items()):
             for node in book.sampled:
                 sampled.setdefault(node, []).append(r)
-            for node, reason in book.failed.items():
+            for node, reason in book.failed_nodes.items():
                 failed.setdefault(node, []).append((r, reason))
         out = []
         for node, items in sorted(failed.items()):
@@ -645,10 +682,14 @@ class RobustFedAvg(FedAvg):
         valid, book.train_dropped = self.filter_replies(
             server_round, replies, self.check_train_reply
         )
-        book.failed = {
+        book.failed_nodes = {
             int(m.metadata.src_node_id): describe_error(m.error.reason)[1]
             for m in replies
             if m.has_error()
+        }
+        book.failed = {
+            self.node_partitions.get(node, node): reason
+            for node, reason in book.failed_nodes.items()
         }
         valid.sort(key=_client_of)  # arrival order must not change the average's bits
         book.train_replies, book.train_accepted = len(replies), len(valid)
@@ -712,7 +753,7 @@ class RobustFedAvg(FedAvg):
         evaluation of ``earlier_round``.
         """
         metrics = []
-        failed = self.rounds[earlier_round].failed if earlier_round in self.rounds else {}
+        failed = self.rounds[earlier_round].failed_nodes if earlier_round in self.rounds else {}
         for msg in replies:
             if int(msg.metadata.src_node_id) in failed:  # scored a model it did not train
                 continue
@@ -753,7 +794,7 @@ class RobustFedAvg(FedAvg):
             server_round, replies, self.check_evaluate_reply
         )
         book.evaluate_replies = len(replies)
-        left_out = [m for m in valid if int(m.metadata.src_node_id) in book.failed]
+        left_out = [m for m in valid if int(m.metadata.src_node_id) in book.failed_nodes]
         for msg in left_out:
             node = int(msg.metadata.src_node_id)
             log(
@@ -848,16 +889,24 @@ def run_keeping_result(
             partial.evaluate_metrics_serverapp[server_round] = res
         return res
 
-    try:
-        return start(tracked)
-    except RunStopped as err:
+    def completed(result: Result) -> Result:
+        """``result`` with every round's metrics from the round logs (Flower's loop misses
+        the evaluations booked one round late, ``evaluate_in_train``).
+        """
         for r, book in sorted(strategy.rounds.items()):
             if book.train_metrics:
-                partial.train_metrics_clientapp[r] = MetricRecord(book.train_metrics)  # type: ignore[arg-type]
+                result.train_metrics_clientapp[r] = MetricRecord(book.train_metrics)  # type: ignore[arg-type]
             if book.evaluate_metrics:
-                partial.evaluate_metrics_clientapp[r] = MetricRecord(book.evaluate_metrics)  # type: ignore[arg-type]
-        err.result = partial
+                result.evaluate_metrics_clientapp[r] = MetricRecord(book.evaluate_metrics)  # type: ignore[arg-type]
+        return result
+
+    try:
+        return completed(start(tracked))
+    except RunStopped as err:
+        err.result = completed(partial)
         raise
+    finally:
+        strategy.log_persistent_failures()
 
 
 class _NodeView(Protocol):

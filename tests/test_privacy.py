@@ -334,6 +334,33 @@ def test_dp_needs_uniform_weights() -> None:
         )
 
 
+def test_dp_refuses_a_robust_rule_and_seeds_its_noise_on_request() -> None:
+    with pytest.raises(ValueError, match=r"aggregator=Median\(\): the noise and the accountant"):
+        differential_privacy(
+            _fml(aggregator="median"),
+            mode="server-fixed",
+            noise_multiplier=1.0,
+            clipping_norm=1.0,
+            num_sampled_clients=2,
+        )
+    small = {"w": np.full(200_000, 1e-3, np.float32)}
+    noises = []
+    for seed in (7, 7, 8):
+        strategy = _fml()
+        wrapper = differential_privacy(
+            strategy,
+            mode="server-fixed",
+            noise_multiplier=1.0,
+            clipping_norm=1.0,
+            num_sampled_clients=2,
+            noise_seed=seed,
+        )
+        arrays, _ = _round(wrapper, strategy, 1, _big_reference(), [1, 2], [small] * 2)
+        noises.append(arrays["w"].numpy())
+    assert np.array_equal(noises[0], noises[1])  # the same seed: the same noise
+    assert not np.array_equal(noises[0], noises[2])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -418,7 +418,8 @@ def test_a_client_error_is_one_line_naming_the_partition_and_left_out_of_the_eva
         "personalized model outputs 7, the meme model outputs 10: both must ..."
     )
     assert line in caplog.text and "Traceback" not in caplog.text
-    assert strategy.round_log(1).failed == {7: line.split("client error: ")[1]}
+    assert strategy.round_log(1).failed == {3: line.split("client error: ")[1]}  # by partition
+    assert strategy.round_log(1).failed_nodes == {7: line.split("client error: ")[1]}
     evaluated = strategy.aggregate_evaluate(
         1,
         [
