@@ -240,8 +240,10 @@ def client_round(
 
 
 TRAINED = "fml-flower.trained"
-"""``context.state`` key: the last round this client trained in (this run), so that with
-in-train evaluation it scores nothing before its first round."""
+"""``context.state`` key, with in-train evaluation only (the strategy then sends
+``evaluate-before-train`` in every training config, False in the rounds that are not
+scored): the last round this client trained in (this run), so that it scores nothing
+before its first round."""
 
 
 def evaluate_before_training(
@@ -290,7 +292,8 @@ def _train(msg: Message, context: Context) -> Message:
     t1 = time.perf_counter()
     arrays, metrics = method.train(r)
     store.flush(r.settings.round)
-    context.state[TRAINED] = ConfigRecord({"round": r.settings.round})
+    if EVALUATE_BEFORE_TRAIN in msg.content["config"]:  # type: ignore[operator]
+        context.state[TRAINED] = ConfigRecord({"round": r.settings.round})
     notes.update(setup_seconds=t1 - t0, train_seconds=time.perf_counter() - t1)
     reply = {**metrics, **notes, "num-examples": len(r.data.train), "partition_id": r.partition_id}
     reply.update(used_settings(r.settings))

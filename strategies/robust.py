@@ -295,12 +295,8 @@ class RobustFedAvg(FedAvg):
         """The training ConfigRecord of ``server_round``: ``config`` plus the settings."""
         out = ConfigRecord(dict(config))
         out.update(self.settings(server_round).to_config())
-        if (
-            self.evaluate_in_train
-            and self.fraction_evaluate > 0
-            and self.evaluates(server_round - 1)
-        ):
-            out[EVALUATE_BEFORE_TRAIN] = True
+        if self.evaluate_in_train and self.fraction_evaluate > 0:  # False: not this round
+            out[EVALUATE_BEFORE_TRAIN] = self.evaluates(server_round - 1)
         return out
 
     def evaluates(self, server_round: int) -> bool:
