@@ -103,6 +103,7 @@ def _weighted(replies: list[dict], key: str) -> torch.Tensor:
 
 
 @pytest.mark.simulation
+@pytest.mark.slow
 def test_resnet18_meme_running_statistics_are_averaged(tmp_path: Path) -> None:
     _toy_dataset(tmp_path / "data" / "toy")
     seen = tmp_path / "seen"

@@ -213,6 +213,7 @@ def test_shared_mnist_p1_partition() -> None:
     assert len(set(client.train.y.tolist())) == 2
 
 
+@pytest.mark.slow
 def test_shared_cifar10_joins_both_train_files() -> None:
     folder = shared_dataset("cifar10")
     cfg = DataConfig(source="local", root=str(folder.parent), name="cifar10", partitioner="iid")

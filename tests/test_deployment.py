@@ -83,6 +83,7 @@ def test_node_config_arg_is_what_flower_parses(tmp_path: Path) -> None:
 
 
 @pytest.mark.deployment
+@pytest.mark.slow
 def test_insecure_deployment_runs_and_survives_a_supernode_restart(tmp_path: Path) -> None:
     out = tmp_path / "out"
     configs = node_configs(tmp_path, 3)
@@ -192,6 +193,7 @@ def test_supernode_with_a_foreign_ca_fails_to_connect(tmp_path: Path) -> None:
 
 
 @pytest.mark.deployment
+@pytest.mark.slow
 def test_a_supernode_killed_mid_run_never_hangs_the_federation(tmp_path: Path) -> None:
     """SIGKILL one of 2 SuperNodes after round 1 and never restart it: the run ends on its
     own within a bound (Flower alone would wait for the second node forever), with the
@@ -257,6 +259,7 @@ def _personal_models(folder: Path) -> dict[str, dict]:
 
 
 @pytest.mark.deployment
+@pytest.mark.slow
 def test_a_run_continues_bit_for_bit_after_its_superlink_is_killed(tmp_path: Path) -> None:
     """SIGKILL the SuperLink during round 2 of 3, restart it, continue with
     ``federation.resume_from``: the continued run ends with exactly the personalized
@@ -343,6 +346,7 @@ def test_a_run_continues_bit_for_bit_after_its_superlink_is_killed(tmp_path: Pat
 
 
 @pytest.mark.deployment
+@pytest.mark.slow
 def test_a_supernode_restarted_mid_run_continues_its_personalized_model(tmp_path: Path) -> None:
     """SIGKILL SuperNode 1 after round 1 and start it again at once with the same node
     config: it comes back under a new node id, restores its personalized model from its

@@ -355,6 +355,7 @@ def test_substitution_changes_only_ports_and_folders(blocks: list[Block], tmp_pa
 
 
 @pytest.mark.deployment
+@pytest.mark.slow
 def test_the_documented_secure_deployment_runs_as_written(
     blocks: list[Block], tmp_path: Path
 ) -> None:

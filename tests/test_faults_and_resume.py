@@ -181,6 +181,7 @@ def _round_three_fails(msg: Message, context: Context, call_next: Callable) -> M
 
 
 @pytest.mark.simulation
+@pytest.mark.slow
 def test_a_run_resumed_with_resume_from_alone_ends_as_the_uninterrupted_run(
     tmp_path: Path,
 ) -> None:

@@ -41,6 +41,7 @@ class _Watch:
 
 
 @pytest.mark.simulation
+@pytest.mark.slow
 def test_the_simulation_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     if shutil.which("ray") is None:
         pytest.fail("the `ray` command (flwr[simulation]'s Ray) is not on PATH")

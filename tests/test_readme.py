@@ -105,6 +105,7 @@ def test_the_basic_app_runs_and_two_runs_give_the_same_numbers(tmp_path: Path) -
 
 
 @pytest.mark.simulation
+@pytest.mark.slow
 def test_node_local_state_and_schedules(tmp_path: Path) -> None:
     import tempfile
 
@@ -121,6 +122,7 @@ def test_node_local_state_and_schedules(tmp_path: Path) -> None:
 
 
 @pytest.mark.simulation
+@pytest.mark.slow
 def test_robust_aggregation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     strategy = run(app_module(tmp_path, "robust"))
     assert repr(strategy.aggregator) == "TrimmedMean(0.25)"

@@ -215,6 +215,7 @@ def _kill_node1_after_node0_replied(
 
 
 @pytest.mark.deployment
+@pytest.mark.slow
 def test_a_restarted_node_keeps_its_node_id(tmp_path: Path) -> None:
     """Restarts of a registered SuperNode, measured (``pytest -s`` prints the numbers).
 
