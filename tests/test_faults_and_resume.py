@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from client_app.app import evaluate, train
+from client_app.errors import naming_partition
 from fml_flower.checkpoint import load_checkpoint
 from fml_flower.config import load_config
 from server_app.app import run_fml
@@ -56,7 +57,10 @@ def _fault_mod(msg: Message, context: Context, call_next: Callable) -> Message:
     pid = int(context.node_config["partition-id"])
     is_train = msg.metadata.message_type == MessageType.TRAIN
     if is_train and pid == 1:
-        raise RuntimeError("injected crash on partition 1")
+        # as an error inside the app's train handler is raised: naming its partition (a mod
+        # of one's own runs outside the handlers, where the node id is all the server gets)
+        with naming_partition(pid):
+            raise RuntimeError("injected crash on partition 1")
     reply = call_next(msg, context)
     if is_train and pid == 2:
         arrays = reply.content["arrays"]
