@@ -5,7 +5,14 @@
 
 One SuperLink (simulation, loopback, private FLWR_HOME) serves the runs one after another.
 A run whose ``metrics.json`` is complete is skipped, so an interrupted sweep resumes where it
-stopped; an incomplete run folder is moved aside and run again. At the end the sweep writes
+stopped. Every run keeps its clients' personalized state in ``<out>/<sweep>/.state/<run>``
+(``federation.state_dir``), so a run cut in the middle (a session's end, a killed process)
+continues from its last checkpointed round (``federation.resume_from``) instead of starting
+over; its ``metrics.json`` lists every attempt (``attempts``: the round it started from, the
+commit, the machine). A folder that cannot be continued (no checkpoint or no state) is moved
+aside and the run starts again. The state folder is removed when its run completes.
+
+At the end the sweep writes
 ``<out>/<sweep>/results.md`` (a table of final-round numbers) and ``accuracy.png`` (every
 run's accuracy per round), from the ``metrics.json`` files alone.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -172,12 +180,16 @@ def _process_name(pid: int) -> str:
 
 
 def run_sweep(
-    name: str, out: Path, only: list[str] | None = None, num_cpus: int | None = None
+    name: str,
+    out: Path,
+    only: list[str] | None = None,
+    num_cpus: int | None = None,
+    conf_dir: Path = CONF_DIR,
 ) -> Path:
-    """Run (or resume) sweep ``name``; return its folder under ``out``. ``num_cpus``
-    overrides the sweep's CPU share per simulated client.
+    """Run (or resume) sweep ``name`` (``<conf_dir>/sweeps/<name>.yaml``); return its folder
+    under ``out``. ``num_cpus`` overrides the sweep's CPU share per simulated client.
     """
-    runs = [r for r in load_sweep(name) if not only or r.name in only]
+    runs = [r for r in load_sweep(name, conf_dir) if not only or r.name in only]
     if num_cpus is not None:
         runs = [replace(r, num_cpus=num_cpus) for r in runs]
     sweep_dir = (out / name).resolve()
@@ -193,25 +205,82 @@ def run_sweep(
     return sweep_dir
 
 
+STATE_DIR = ".state"
+"""Under a sweep's folder: one folder per run with its clients' durable state."""
+ATTEMPTS_FILE = "attempts.json"
+"""In a run's state folder: what ran it so far (kept until the run completes)."""
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the SuperLink's working directory (``ROOT``) when inside the
+    checkout: the recorded configuration then names no machine's path.
+    """
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def resumable_round(run_dir: Path, state_dir: Path) -> int | None:
+    """The round an interrupted run in ``run_dir`` can continue after, or None: it needs
+    its checkpoint and its clients' state in ``state_dir``, written by this sweep (its
+    ``attempts.json``); a run folder without them starts again.
+    """
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (run_dir / "checkpoint.ckpt").is_file() or not (state_dir / ATTEMPTS_FILE).is_file():
+        return None
+    done = [r["round"] for r in metrics.get("rounds", []) if r.get("round", 0) > 0]
+    return max(done) if done else None
+
+
 def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pid: int) -> None:
     run_dir = sweep_dir / run.name
-    if run_dir.exists():
-        aside = sweep_dir / f".incomplete-{run.name}-{datetime.now():%Y%m%d%H%M%S}"
-        run_dir.rename(aside)
-        print(f"  {run.name}: incomplete folder moved to {aside.name}", flush=True)
-    print(f"  {run.name}: running ({run.experiment}, {run.overrides})", flush=True)
+    state_dir = sweep_dir / STATE_DIR / run.name
+    attempts_file = state_dir / ATTEMPTS_FILE
+    continued = sweep_dir / f".{run.name}.continued"  # a continuation writes a new folder
+    if resumable_round(continued, state_dir) is not None:  # an earlier continuation, cut
+        shutil.rmtree(run_dir)  # (it holds every round of run_dir)
+        continued.rename(run_dir)
+    elif continued.exists():
+        shutil.rmtree(continued)
+    after = resumable_round(run_dir, state_dir) if run_dir.exists() else None
+    if after is not None:
+        print(f"  {run.name}: continuing after round {after}", flush=True)
+        run_config: dict[str, Any] = {
+            "federation.resume_from": _relative(run_dir),
+            "federation.state_dir": _relative(state_dir),
+            "output.dir": _relative(sweep_dir),
+            "output.run_name": continued.name,
+        }
+        attempts = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
+    else:
+        if run_dir.exists():
+            aside = sweep_dir / f".incomplete-{run.name}-{datetime.now():%Y%m%d%H%M%S}"
+            run_dir.rename(aside)
+            print(f"  {run.name}: incomplete folder moved to {aside.name}", flush=True)
+        if state_dir.exists():
+            shutil.rmtree(state_dir)
+        print(f"  {run.name}: running ({run.experiment}, {run.overrides})", flush=True)
+        run_config = {
+            "experiment": run.experiment,
+            **run.overrides,
+            "output.dir": _relative(sweep_dir),
+            "output.run_name": run.name,
+            "federation.state_dir": _relative(state_dir),
+        }
+        attempts = []
     version = code_version(ROOT)  # before the run: the code it runs (a checkout may move on)
+    attempts.append(
+        {
+            "after_round": after or 0,
+            "started": f"{datetime.now():%Y-%m-%dT%H:%M:%S}",
+            **version,
+            "machine": machine(),
+        }
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    attempts_file.write_text(json.dumps(attempts, indent=1) + "\n")
     t0 = time.monotonic()
-    run_config = {
-        "experiment": run.experiment,
-        **run.overrides,
-        # relative to the SuperLink's working directory (ROOT) when inside the checkout, so
-        # that the recorded config names no machine's path
-        "output.dir": str(
-            sweep_dir.relative_to(ROOT) if sweep_dir.is_relative_to(ROOT) else sweep_dir
-        ),
-        "output.run_name": run.name,
-    }
     with PeakMemory(pid) as memory:
         proc = run_app(
             ROOT,
@@ -224,21 +293,31 @@ def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pi
         )
     (sweep_dir / f".{run.name}.log").write_text(proc.stdout + proc.stderr)
     status = sorted(run_status(flwr_home, connection), key=lambda r: r.get("pending-at", ""))
+    if after is not None and is_complete(continued):
+        shutil.rmtree(run_dir)
+        continued.rename(run_dir)
     if proc.returncode != 0 or not is_complete(run_dir):
         raise RuntimeError(
             f"run {run.name} failed (flwr exit {proc.returncode}, status "
             f"{status[-1] if status else '?'}); log: {sweep_dir / f'.{run.name}.log'}"
         )
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the whole run's time: earlier attempts count with their rounds' recorded seconds (their
+    # start-up, a few seconds each, is not recorded)
+    before = sum(r.get("seconds", 0.0) for r in metrics["rounds"] if r["round"] <= (after or 0))
     metrics["run"].update(
-        wall_seconds=time.monotonic() - t0,
+        wall_seconds=time.monotonic() - t0 + before,
         peak_memory_mb=memory.peak_mb,
         supernodes=run.supernodes,
         client_num_cpus=run.num_cpus,
         **version,
         machine=machine(),
     )
+    if len(attempts) > 1:
+        metrics["run"]["attempts"] = attempts
+        metrics["run"]["commit"] = attempts[0]["commit"]  # where it started; each in attempts
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    shutil.rmtree(state_dir)
     print(
         f"  {run.name}: done in {time.monotonic() - t0:.0f}s, peak {memory.peak_mb:.0f} MiB",
         flush=True,
