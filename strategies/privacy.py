@@ -52,6 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -200,6 +201,10 @@ class _Private:
     def round_log(self, server_round: int):  # type: ignore[no-untyped-def]
         """The wrapped strategy's round log (see ``RobustFedAvg.round_log``)."""
         return self.strategy.round_log(server_round)
+
+    def persistent_failures(self) -> list[dict[str, Any]]:
+        """The wrapped strategy's clients that failed in every round they were sampled."""
+        return self.strategy.persistent_failures()
 
     # ------------------------------------------------------------------ accounting
 

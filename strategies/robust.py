@@ -724,6 +724,8 @@ class RobustFedAvg(FedAvg):
         examples = [float(m[self.weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
         weights = examples if self.weighting == "examples" else [1.0] * len(valid)
         book.train_clients = _per_client(valid, metrics)
+        if server_round == 1 and self.round_offset == 0:
+            self.note_restored_clients(book.train_clients)
         aggregated = weighted_mean_metrics(
             metrics, examples, exclude=(self.weighted_by_key, *IDENTIFIERS)
         )
@@ -743,6 +745,23 @@ class RobustFedAvg(FedAvg):
             return None, aggregated
         book.aggregated = True
         return self.aggregate_arrays(records, weights), aggregated
+
+    def note_restored_clients(self, train_clients: dict[int, dict[str, float]]) -> None:
+        """In a new run's first round, say which clients continued a personalized model
+        that an earlier run left in their durable state folder (so a rerun meant to
+        start from scratch is not silently a continuation).
+        """
+        restored = sorted(
+            pid for pid, m in train_clients.items() if m.get("personal_restored_from_disk") == 1.0
+        )
+        if restored:
+            log(
+                INFO,
+                "round 1: partitions %s continued the personalized models saved in their "
+                "state folder by an earlier run (empty the folder, or use another, to start "
+                "from new models)",
+                restored,
+            )
 
     def book_late_evaluation(self, earlier_round: int, replies: list[Message]) -> None:
         """Book the ``eval.*`` metrics of ``replies`` (scored before training) as the

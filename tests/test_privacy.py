@@ -464,3 +464,19 @@ def test_private_keys_are_neither_sent_nor_clipped_nor_noised() -> None:
     assert list(arrays.keys()) == ["body"]  # the head is never released
     noise = arrays["body"].numpy().astype(np.float64) - 0.01
     assert noise.std() == pytest.approx(1.0 * 1.0 / 2, rel=0.1)
+
+
+def test_the_wrapper_answers_the_per_client_questions_of_the_strategy_it_wraps() -> None:
+    """A plug-in user keeps only the wrapper: results, logs and failures are reachable."""
+    strategy = _fml()
+    wrapper = differential_privacy(
+        strategy,
+        mode="server-fixed",
+        noise_multiplier=1.0,
+        clipping_norm=1.0,
+        num_sampled_clients=2,
+    )
+    strategy.round_log(1).train_clients = {3: {"alpha": 0.5}}
+    assert wrapper.round_log(1).train_clients == {3: {"alpha": 0.5}}
+    assert wrapper.client_results() == strategy.client_results()
+    assert wrapper.persistent_failures() == strategy.persistent_failures()

@@ -431,3 +431,23 @@ def test_a_client_error_is_one_line_naming_the_partition_and_left_out_of_the_eva
     )
     assert evaluated is not None and evaluated["num_clients"] == 1  # partition 3 left out
     assert strategy.client_results(1) == {0: {"personal_acc": 0.9, "num-examples": 5.0}}
+
+
+def test_a_new_run_says_which_clients_continued_saved_personal_models(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A durable state folder reused by a new run is named in round 1, not silent."""
+    ref = ArrayRecord(_bn_model(0).state_dict())
+    a, b = _bn_model(1).state_dict(), _bn_model(2).state_dict()
+    fresh = {"num-examples": 10, "partition_id": 0, "personal_restored_from_disk": 0.0}
+    saved = {"num-examples": 10, "partition_id": 1, "personal_restored_from_disk": 1.0}
+    strategy = _strategy(ref)
+    with caplog.at_level("INFO", logger="flwr"):
+        strategy.aggregate_train(1, [_reply(1, ArrayRecord(a), fresh)])
+    assert "continued the personalized models" not in caplog.text
+    strategy = _strategy(ref)
+    with caplog.at_level("INFO", logger="flwr"):
+        strategy.aggregate_train(
+            1, [_reply(1, ArrayRecord(a), fresh), _reply(2, ArrayRecord(b), saved)]
+        )
+    assert "round 1: partitions [1] continued the personalized models" in caplog.text
