@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import tomllib
 import urllib.request
@@ -181,7 +182,7 @@ def ray_head(temp_dir: Path, num_cpus: int = 2, timeout: float = 120) -> Iterato
                 "--include-dashboard=false",
                 "--disable-usage-stats",
             ],
-            env={**os.environ, **QUIET_ENV},
+            env=quiet_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -231,9 +232,22 @@ def _stop_session(family: set[tuple[int, int]], timeout: float) -> None:
             return
 
 
+def quiet_env() -> dict[str, str]:
+    """This process's environment, quiet and offline, with this Python's ``bin`` folder
+    first on ``PATH``: Flower's commands (``flower-superlink``, which starts
+    ``flower-superexec`` by name, ``flwr``) are the ones installed beside this interpreter,
+    also when the venv was not activated (``.venv/bin/python -m tools.experiments``).
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        path = os.pathsep.join([bin_dir, path]) if path else bin_dir
+    return {**os.environ, **QUIET_ENV, "PATH": path}
+
+
 def env_for(flwr_home: Path) -> dict[str, str]:
     """The environment for ``flwr`` commands: quiet, offline, private ``FLWR_HOME``."""
-    return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    return {**quiet_env(), "FLWR_HOME": str(flwr_home)}
 
 
 def run_app(
