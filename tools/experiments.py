@@ -316,6 +316,8 @@ def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pi
     if len(attempts) > 1:
         metrics["run"]["attempts"] = attempts
         metrics["run"]["commit"] = attempts[0]["commit"]  # where it started; each in attempts
+        # the server counted this attempt's rounds; the run's are every attempt's
+        metrics["run"]["rounds_completed"] = metrics["rounds"][-1]["round"]
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     shutil.rmtree(state_dir)
     print(
