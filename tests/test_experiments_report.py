@@ -153,3 +153,38 @@ def test_p5_report_maps_fml_against_the_best_other_method(tmp_path: Path) -> Non
     assert "| 0.1 | +5.00 |" in text  # FML 70 vs Ditto 65
     assert "| 0.5 | +5.00 |" in text.split("FedAvg's (central")[1]  # 30 vs 25 central
     assert (tmp_path / "heatmaps.png").is_file()
+
+
+def test_p5_names_the_cells_that_need_seeds_43_and_44_and_adds_their_runs(
+    tmp_path: Path,
+) -> None:
+    """Within 1 point, or the sign changing towards a neighbouring cell: seeds 43, 44."""
+    import yaml
+
+    from tools.evidence import add_seed_runs, cells_for_more_seeds
+
+    diff = {
+        (0.1, 100): 0.05,  # +5 points, but the next n turns negative: both cells
+        (0.1, 300): -0.02,
+        (0.5, 100): 0.04,  # +4, its neighbours positive or missing: not needed
+        (1.0, 1000): 0.005,  # within 1 point
+        (5.0, 3000): -0.03,  # -3, no neighbour with a value
+    }
+    assert cells_for_more_seeds(diff) == [(0.1, 100), (0.1, 300), (1.0, 1000)]
+    sweep = tmp_path / "p5.yaml"
+    listed = "  - {name: a0.1-n100-fml-seed43, experiment: p4, overrides: {seed: 43}}\n"
+    sweep.write_text("supernodes: 10\nruns:\n" + listed)
+    added = add_seed_runs([(0.1, 100), (1.0, 1000)], sweep)
+    assert len(added) == 15 and "a0.1-n100-fml-seed43" not in added  # 2 cells x 2 seeds x 4 - 1
+    runs = yaml.safe_load(sweep.read_text())["runs"]
+    assert runs[-1] == {
+        "name": "a1.0-n1000-fedavg-seed44",
+        "experiment": "p4",
+        "overrides": {
+            "train.method": "fedavg",
+            "data.dirichlet_alpha": 1.0,
+            "data.max_train_examples": 1000,
+            "seed": 44,
+        },
+    }
+    assert add_seed_runs([(0.1, 100), (1.0, 1000)], sweep) == []  # idempotent

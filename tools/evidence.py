@@ -2,6 +2,7 @@
 
     python -m tools.evidence p2      # docs/results/p2_full -> report.md, accuracy.png
     python -m tools.evidence p5      # docs/results/p5      -> report.md, heatmaps.png
+    python -m tools.evidence p5 --add-seed-runs   # + seeds 43, 44 where the protocol asks
 
 **P2** (runs ``<arm>`` for seed 42, ``<arm>-seed43``, ``<arm>-seed44``): per arm the final
 round, the mean of the last 5 rounds and the best round (labelled with its round), each as
@@ -12,7 +13,10 @@ the personalized accuracy per round: the seeds' mean and their min-max band.
 **P5** (runs ``a<alpha>-n<n>-<method>[-seed<s>]``): per cell (Dirichlet alpha x train
 examples per client) each method's final personalized accuracy (mean ± std where several
 seeds finished), and two heatmaps: FML minus the best of the other methods (personalized),
-and FML's global model minus FedAvg's (central test set).
+and FML's global model minus FedAvg's (central test set). The protocol adds seeds 43 and 44
+wherever FML and the best other method are within 1 point, or the sign of their difference
+changes between neighbouring cells (next alpha or next n); the report names those cells and
+``--add-seed-runs`` appends their missing runs to ``conf/sweeps/p5.yaml``.
 
 Every run also names the commit, machine, precision and memory format it ran with.
 Nothing is computed that a ``metrics.json`` does not hold; a run without ``finished`` is
@@ -199,6 +203,33 @@ def p5_cells(folder: Path) -> tuple[dict[tuple[float, int, str], list[dict]], li
     return cells, unfinished
 
 
+def fml_minus_best(
+    cells: dict[tuple[float, int, str], list[dict]], alpha: float, n: int
+) -> float | None:
+    """FML's mean final personalized accuracy minus the best other method's, in cell
+    ``(alpha, n)``; ``None`` until every method has a finished run there.
+    """
+    means = {
+        m: statistics.mean(r["personal_acc"] for r in cells[(alpha, n, m)])
+        for m in P5_METHODS
+        if cells.get((alpha, n, m))
+    }
+    if len(means) < len(P5_METHODS):
+        return None
+    return means["fml"] - max(v for m, v in means.items() if m != "fml")
+
+
+def p5_differences(folder: Path) -> dict[tuple[float, int], float]:
+    """``fml_minus_best`` of every cell of the sweep in ``folder`` that has all methods."""
+    cells, _ = p5_cells(folder)
+    out = {}
+    for alpha, n in {(a, n) for a, n, _ in cells}:
+        gap = fml_minus_best(cells, alpha, n)
+        if gap is not None:
+            out[(alpha, n)] = gap
+    return out
+
+
 def p5_report(folder: Path) -> Path:
     """``report.md`` and ``heatmaps.png`` of the P5 sweep in ``folder``."""
     cells, unfinished = p5_cells(folder)
@@ -229,13 +260,9 @@ def p5_report(folder: Path) -> Path:
             lines.append(f"| {method} | " + " | ".join(row) + " |")
         lines.append("")
         for n in sizes:
-            means = {
-                m: statistics.mean(r["personal_acc"] for r in cells[(alpha, n, m)])
-                for m in P5_METHODS
-                if cells.get((alpha, n, m))
-            }
-            if "fml" in means and len(means) == len(P5_METHODS):
-                diff[(alpha, n)] = means["fml"] - max(v for m, v in means.items() if m != "fml")
+            gap = fml_minus_best(cells, alpha, n)
+            if gap is not None:
+                diff[(alpha, n)] = gap
             fml, avg = cells.get((alpha, n, "fml")), cells.get((alpha, n, "fedavg"))
             if fml and avg:
                 central[(alpha, n)] = statistics.mean(r["central_acc"] for r in fml) - (
@@ -245,12 +272,82 @@ def p5_report(folder: Path) -> Path:
     lines += _grid(alphas, sizes, diff)
     lines += ["", "## FML's global model minus FedAvg's (central test set, points)", ""]
     lines += _grid(alphas, sizes, central)
+    more = cells_for_more_seeds(diff)
+    if more:
+        lines += [
+            "",
+            "Cells the protocol also runs at seeds 43 and 44 (FML within 1 point of the best "
+            "other method, or the sign changing towards a neighbouring cell), from the cells "
+            "finished so far: "
+            + ", ".join(f"alpha {a} n = {n}" for a, n in more)
+            + " (`python -m tools.evidence p5 --add-seed-runs` lists their runs in the sweep).",
+        ]
+    more = cells_for_more_seeds(diff)
+    if more:
+        lines += [
+            "",
+            "Cells the protocol also runs at seeds 43 and 44 (FML within 1 point of the best "
+            "other method, or the sign changing towards a neighbouring cell), from the cells "
+            "finished so far: "
+            + ", ".join(f"alpha {a} n = {n}" for a, n in more)
+            + " (`python -m tools.evidence p5 --add-seed-runs` lists their runs in the sweep).",
+        ]
     if unfinished:
         lines += ["", f"Not finished (left out): {', '.join(unfinished)}."]
     report = folder / "report.md"
     report.write_text("\n".join(lines) + "\n")
     _p5_plot(folder, alphas, sizes, diff, central)
     return report
+
+
+P5_ALPHAS = (0.1, 0.5, 1.0, 5.0)
+P5_SIZES = (100, 300, 1000, 3000)
+P5_MORE_SEEDS = (43, 44)
+
+
+def cells_for_more_seeds(diff: dict[tuple[float, int], float]) -> list[tuple[float, int]]:
+    """The cells the protocol runs at seeds 43 and 44 too: FML within 1 point of the best
+    other method, or the sign of that difference changing towards a neighbouring cell (the
+    next alpha or the next n of the protocol's grid, where it has a value).
+    """
+    out = set()
+    for (alpha, n), value in diff.items():
+        if abs(value) < 0.01:
+            out.add((alpha, n))
+        i, j = P5_ALPHAS.index(alpha), P5_SIZES.index(n)
+        for di, dj in ((1, 0), (0, 1)):
+            if i + di >= len(P5_ALPHAS) or j + dj >= len(P5_SIZES):
+                continue
+            other = (P5_ALPHAS[i + di], P5_SIZES[j + dj])
+            if other in diff and (value > 0) != (diff[other] > 0):
+                out.update({(alpha, n), other})
+    return sorted(out, key=lambda c: (c[1], c[0]))  # cheapest (smallest n) first
+
+
+def add_seed_runs(cells: list[tuple[float, int]], sweep_file: Path) -> list[str]:
+    """Append to ``sweep_file`` the runs of ``cells`` at seeds 43 and 44 it does not list;
+    return their names.
+    """
+    listed = {run["name"] for run in yaml.safe_load(sweep_file.read_text())["runs"]}
+    added, lines = [], []
+    for alpha, n in cells:
+        for seed in P5_MORE_SEEDS:
+            for method in P5_METHODS:
+                name = f"a{alpha}-n{n}-{method}-seed{seed}"
+                if name in listed:
+                    continue
+                added.append(name)
+                lines.append(
+                    f"  - {{name: {name}, experiment: p4, overrides: {{train.method: {method}, "
+                    f"data.dirichlet_alpha: {alpha}, data.max_train_examples: {n}, seed: {seed}}}}}"
+                )
+    if lines:
+        text = sweep_file.read_text()
+        if not text.endswith("\n"):
+            text += "\n"
+        note = "  # seeds 43, 44 where the protocol asks (tools.evidence p5 --add-seed-runs)"
+        sweep_file.write_text(text + note + "\n" + "\n".join(lines) + "\n")
+    return added
 
 
 def _grid(alphas: list[float], sizes: list[int], values: dict) -> list[str]:
@@ -301,11 +398,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("table", choices=["p2", "p5"])
     parser.add_argument("--folder", type=Path, default=None, help="the sweep's folder")
+    parser.add_argument(
+        "--add-seed-runs",
+        action="store_true",
+        help="p5: append the runs at seeds 43, 44 that the protocol asks for to the sweep file",
+    )
+    parser.add_argument("--sweep-file", type=Path, default=ROOT / "conf" / "sweeps" / "p5.yaml")
     args = parser.parse_args(argv)
     if args.table == "p2":
+        if args.add_seed_runs:
+            parser.error("--add-seed-runs is for p5 (p2 lists its three seeds already)")
         print(p2_report((args.folder or RESULTS / "p2_full").resolve()))
-    else:
-        print(p5_report((args.folder or RESULTS / "p5").resolve()))
+        return 0
+    folder = (args.folder or RESULTS / "p5").resolve()
+    print(p5_report(folder))
+    if args.add_seed_runs:
+        added = add_seed_runs(cells_for_more_seeds(p5_differences(folder)), args.sweep_file)
+        print(f"{len(added)} runs added to {args.sweep_file.name}: {', '.join(added) or '-'}")
     return 0
 
 
