@@ -303,8 +303,8 @@ class RobustFedAvg(FedAvg):
         """Whether the clients evaluate the models of ``server_round`` (every
         ``evaluate_every``-th absolute round, and the last).
         """
-        if server_round < 1:
-            return False
+        if server_round + self.round_offset < 1:  # the initial model (a resumed run's
+            return False  # round 0 is the round it continues after: its clients score it)
         last = self.final_round is not None and server_round == self.final_round
         return last or (server_round + self.round_offset) % self.evaluate_every == 0
 

@@ -226,6 +226,11 @@ def test_a_run_resumed_with_resume_from_alone_ends_as_the_uninterrupted_run(
     assert resumed["run"]["finished"] and last["round"] == 3
     for key in ("personal_acc", "global_acc", "central_acc", "train_loss_local", "lr"):
         assert last[key] == expected[key], key
+    # every round scored by the clients, the one the run continued after included (its
+    # clients score it before the resumed run's first training)
+    full_rounds = json.loads((tmp_path / "full" / "metrics.json").read_text())["rounds"]
+    got = [r.get("personal_acc") for r in resumed["rounds"][1:]]
+    assert got == [r["personal_acc"] for r in full_rounds[1:]]
 
 
 def test_a_resume_that_would_change_the_experiment_is_refused_by_name(tmp_path: Path) -> None:

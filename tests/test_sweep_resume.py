@@ -117,6 +117,8 @@ def test_a_sweep_killed_mid_run_continues_that_run_from_its_checkpoint(tmp_path:
     assert [a["after_round"] for a in attempts] == [0, cut_after]
     assert all(a["commit"] for a in attempts)
     assert metrics["run"]["rounds_completed"] == 6  # every attempt's rounds
+    # every round's personalized score, the round it continued after included
+    assert all(r.get("personal_acc") is not None for r in metrics["rounds"][1:])
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["federation"]["resume_from"].endswith("fml")
     # the state and the continuation's folder are gone; nothing was moved aside
