@@ -153,6 +153,8 @@ def test_p5_report_maps_fml_against_the_best_other_method(tmp_path: Path) -> Non
     assert "| 0.1 | +5.00 |" in text  # FML 70 vs Ditto 65
     assert "| 0.5 | +5.00 |" in text.split("FedAvg's (central")[1]  # 30 vs 25 central
     assert (tmp_path / "heatmaps.png").is_file()
+    assert text.count("also runs at seeds 43 and 44") == 1  # the sign changes: named once
+    assert "alpha 0.1 n = 100, alpha 0.5 n = 100" in text
 
 
 def test_p5_names_the_cells_that_need_seeds_43_and_44_and_adds_their_runs(

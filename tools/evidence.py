@@ -282,16 +282,6 @@ def p5_report(folder: Path) -> Path:
             + ", ".join(f"alpha {a} n = {n}" for a, n in more)
             + " (`python -m tools.evidence p5 --add-seed-runs` lists their runs in the sweep).",
         ]
-    more = cells_for_more_seeds(diff)
-    if more:
-        lines += [
-            "",
-            "Cells the protocol also runs at seeds 43 and 44 (FML within 1 point of the best "
-            "other method, or the sign changing towards a neighbouring cell), from the cells "
-            "finished so far: "
-            + ", ".join(f"alpha {a} n = {n}" for a, n in more)
-            + " (`python -m tools.evidence p5 --add-seed-runs` lists their runs in the sweep).",
-        ]
     if unfinished:
         lines += ["", f"Not finished (left out): {', '.join(unfinished)}."]
     report = folder / "report.md"
