@@ -208,7 +208,9 @@ def _run_fml(grid: Grid, cfg: FMLConfig, run_id: int | None, prepare_in_child: b
             "last_batch": cfg.train.last_batch,
             "input_shape": list(data.info.input_shape),
             "num_classes": data.info.num_classes,
-            "resumed_from": str(resume.source) if resume else None,
+            # as configured: a path relative to the SuperLink's folder stays relative, so
+            # the committed metrics name no machine's folder
+            "resumed_from": cfg.federation.resume_from if resume else None,
         },
         to_yaml(cfg),
         tensorboard=cfg.output.tensorboard,
