@@ -219,9 +219,10 @@ def fml_minus_best(
     return means["fml"] - max(v for m, v in means.items() if m != "fml")
 
 
-def p5_differences(folder: Path) -> dict[tuple[float, int], float]:
-    """``fml_minus_best`` of every cell of the sweep in ``folder`` that has all methods."""
-    cells, _ = p5_cells(folder)
+def p5_differences(
+    cells: dict[tuple[float, int, str], list[dict]],
+) -> dict[tuple[float, int], float]:
+    """``fml_minus_best`` of every cell (of :func:`p5_cells`) that has all methods."""
     out = {}
     for alpha, n in {(a, n) for a, n, _ in cells}:
         gap = fml_minus_best(cells, alpha, n)
@@ -243,7 +244,7 @@ def p5_report(folder: Path) -> Path:
         "seeds where several finished. `cnn-unpadded`, batch 32, E = 1, fp32.",
         "",
     ]
-    diff: dict[tuple[float, int], float] = {}
+    diff = p5_differences(cells)
     central: dict[tuple[float, int], float] = {}
     for alpha in alphas:
         lines += [
@@ -260,9 +261,6 @@ def p5_report(folder: Path) -> Path:
             lines.append(f"| {method} | " + " | ".join(row) + " |")
         lines.append("")
         for n in sizes:
-            gap = fml_minus_best(cells, alpha, n)
-            if gap is not None:
-                diff[(alpha, n)] = gap
             fml, avg = cells.get((alpha, n, "fml")), cells.get((alpha, n, "fedavg"))
             if fml and avg:
                 central[(alpha, n)] = statistics.mean(r["central_acc"] for r in fml) - (
@@ -403,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = (args.folder or RESULTS / "p5").resolve()
     print(p5_report(folder))
     if args.add_seed_runs:
-        added = add_seed_runs(cells_for_more_seeds(p5_differences(folder)), args.sweep_file)
+        diff = p5_differences(p5_cells(folder)[0])
+        added = add_seed_runs(cells_for_more_seeds(diff), args.sweep_file)
         print(f"{len(added)} runs added to {args.sweep_file.name}: {', '.join(added) or '-'}")
     return 0
 
