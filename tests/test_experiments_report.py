@@ -190,3 +190,32 @@ def test_p5_names_the_cells_that_need_seeds_43_and_44_and_adds_their_runs(
         },
     }
     assert add_seed_runs([(0.1, 100), (1.0, 1000)], sweep) == []  # idempotent
+
+
+def test_collect_copies_finished_runs_without_checkpoints(tmp_path: Path) -> None:
+    from tools.experiments import collect
+
+    clone, main = tmp_path / "clone" / "demo", tmp_path / "main" / "demo"
+    _run(clone / "done", {}, [{0: 0.5, 1: 0.7}])
+    (clone / "done" / "checkpoint.ckpt").write_bytes(b"x" * 100)
+    _run(clone / "cut", {}, [{0: 0.5}])
+    cut = json.loads((clone / "cut" / "metrics.json").read_text())
+    del cut["run"]["finished"]  # running, or cut at a session's end
+    (clone / "cut" / "metrics.json").write_text(json.dumps(cut))
+    _run(clone / "have", {}, [{0: 0.1}])
+    _run(main / "have", {}, [{0: 0.9}])  # already collected: left alone
+    (clone / ".state" / "done").mkdir(parents=True)
+    runs = [RunSpec(n, "base") for n in ("done", "cut", "have", "absent")]
+
+    assert collect("demo", clone.parent, main.parent, runs) == ["done"]
+    assert sorted(p.name for p in (main / "done").iterdir()) == ["config.yaml", "metrics.json"]
+    assert not (main / "cut").exists() and not (main / ".state").exists()
+    assert "0.9" in (main / "have" / "metrics.json").read_text()
+    assert collect("demo", clone.parent, main.parent, runs) == []  # nothing new
+
+    # a half-written folder here is never overwritten, and the error names it
+    (main / "done" / "metrics.json").write_text("{")
+    with pytest.raises(FileExistsError, match=r"main/demo/done"):
+        collect("demo", clone.parent, main.parent, runs)
+    with pytest.raises(ValueError, match="own sweep folder"):
+        collect("demo", main.parent, main.parent, runs)

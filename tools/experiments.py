@@ -2,6 +2,7 @@
 
     python -m tools.experiments p1                 # conf/sweeps/p1.yaml
     python -m tools.experiments p1 --only fml fedavg --out docs/results
+    python -m tools.experiments p5 --collect-from ../runs5/docs/results  # finished runs only
 
 One SuperLink (simulation, loopback, private FLWR_HOME) serves the runs one after another.
 A run whose ``metrics.json`` is complete is skipped, so an interrupted sweep resumes where it
@@ -11,6 +12,10 @@ continues from its last checkpointed round (``federation.resume_from``) instead 
 over; its ``metrics.json`` lists every attempt (``attempts``: the round it started from, the
 commit, the machine). A folder that cannot be continued (no checkpoint or no state) is moved
 aside and the run starts again. The state folder is removed when its run completes.
+
+Long sweeps run in a separate clone (the SuperLink imports the ClientApp from its working
+directory, so editing the main checkout would change a running sweep); ``--collect-from``
+copies that clone's finished runs into this checkout, without checkpoints or clients' state.
 
 At the end the sweep writes
 ``<out>/<sweep>/results.md`` (a table of final-round numbers) and ``accuracy.png`` (every
@@ -545,6 +550,39 @@ def _plot(sweep_dir: Path, names: list[str]) -> None:
     plt.close(fig)
 
 
+def collect(name: str, source: Path, out: Path, runs: list[RunSpec]) -> list[str]:
+    """Copy the finished runs of sweep ``name`` from ``source/<name>`` (another checkout's
+    results folder) into ``out/<name>``; return the names copied.
+
+    Only complete runs (:func:`is_complete`) of this sweep's file are copied, and without
+    their checkpoints (``*.ckpt``: binary, large, only for continuing a cut run); runs this
+    checkout already has complete are left alone. A run folder here that exists but is not
+    complete is never overwritten: a :class:`FileExistsError` names every such folder after
+    the others were copied.
+    """
+    src_dir, dst_dir = (source / name).resolve(), (out / name).resolve()
+    if not src_dir.is_dir():
+        raise FileNotFoundError(f"--collect-from: no sweep folder {src_dir}")
+    if src_dir == dst_dir:
+        raise ValueError(f"--collect-from: {src_dir} is this checkout's own sweep folder")
+    copied, blocked = [], []
+    for run in runs:
+        src, dst = src_dir / run.name, dst_dir / run.name
+        if not is_complete(src) or is_complete(dst):
+            continue
+        if dst.exists():
+            blocked.append(str(dst))
+            continue
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.ckpt"))
+        copied.append(run.name)
+    if blocked:
+        raise FileExistsError(
+            "--collect-from: these run folders exist here but are not complete; move them "
+            f"away first (copied {len(copied)} others): {', '.join(blocked)}"
+        )
+    return copied
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -567,7 +605,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rewrite results.md/accuracy.png from existing runs",
     )
+    parser.add_argument(
+        "--collect-from",
+        type=Path,
+        metavar="RESULTS",
+        help="copy this sweep's finished runs from RESULTS/<sweep> (another checkout's "
+        "results folder, e.g. a run clone's docs/results) into --out, without checkpoints",
+    )
     args = parser.parse_args(argv)
+    if args.collect_from is not None:
+        runs = load_sweep(args.sweep)
+        copied = collect(args.sweep, args.collect_from, args.out, runs)
+        done = sum(is_complete((args.out / args.sweep / r.name).resolve()) for r in runs)
+        print(f"copied {len(copied)}: {' '.join(copied) or '-'}")
+        print(f"sweep {args.sweep}: {done} / {len(runs)} runs complete here")
+        return 0
     if args.report_only:
         print(write_report(args.sweep, (args.out / args.sweep).resolve(), load_sweep(args.sweep)))
         return 0
