@@ -134,7 +134,8 @@ def test_p2_report_gives_final_last5_and_best_over_seeds(tmp_path: Path) -> None
     assert (
         "| fml | 42, 43 | 60.00 ± 14.14 | 50.00 ± 5.66 | 65.00 ± 7.07 (best; rounds 3, 4)" in text
     )
-    assert "| local | 42 | 30.00 (1 seed) |" in text
+    one_seed = "30.00 (1 seed)"
+    assert f"| local | 42 | {one_seed} | {one_seed} | {one_seed} (best; round 1) |" in text
     assert "| fml | 50.0 | 70.0 |" in text  # every client's final, mean over seeds
     assert "Not finished (left out): ditto." in text
     assert "commit abcdef0" in text

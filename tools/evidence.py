@@ -127,7 +127,7 @@ def p2_report(folder: Path) -> Path:
                 central.append(run["rounds"][-1]["central_acc"])
         lines.append(
             f"| {arm} | {', '.join(str(s) for s in sorted(seeds))} | {mean_std(finals)} "
-            f"| {mean_std(last5)} | {mean_std(bests)} (best; rounds "
+            f"| {mean_std(last5)} | {mean_std(bests)} (best; round{'s' * (len(seeds) > 1)} "
             f"{', '.join(str(r) for r in best_rounds)}) | {mean_std(central)} |"
         )
     lines += ["", "## Every client's final personalized accuracy (%, mean over seeds)", ""]
