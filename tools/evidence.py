@@ -173,7 +173,8 @@ def _p2_plot(folder: Path, runs: dict[str, dict[int, dict[str, Any]]], order: li
         mean = [statistics.mean(s[x] for s in per_seed) for x in xs]
         low = [min(s[x] for s in per_seed) for x in xs]
         high = [max(s[x] for s in per_seed) for x in xs]
-        (line,) = ax.plot(xs, mean, label=f"{arm} ({len(per_seed)} seeds)")
+        seeds = f"{len(per_seed)} seed{'s' * (len(per_seed) > 1)}"
+        (line,) = ax.plot(xs, mean, label=f"{arm} ({seeds})")
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("round")
     ax.set_ylabel("personalized accuracy (own test)")
