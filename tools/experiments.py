@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from fml_flower.config import CONF_DIR, ConfigError, load_config, read_run_config
@@ -56,6 +58,9 @@ class RunSpec:
     supernodes: int = 2
     num_cpus: int = 1
     """Each simulated client's CPU share: cores / num_cpus clients train at once."""
+    num_gpus: float | None = None
+    """Each simulated client's GPU share (``client-resources-num-gpus``); None: decided by
+    :func:`client_gpu_share` from the GPUs this machine has."""
 
 
 def load_sweep(name: str, conf_dir: Path = CONF_DIR) -> list[RunSpec]:
@@ -67,6 +72,7 @@ def load_sweep(name: str, conf_dir: Path = CONF_DIR) -> list[RunSpec]:
     spec = yaml.safe_load(path.read_text()) or {}
     supernodes = int(spec.get("supernodes", 2))
     num_cpus = int(spec.get("num_cpus", 1))
+    num_gpus = spec.get("num_gpus")
     common = dict(spec.get("overrides", {}))  # every run's, under its own
     runs = []
     for item in spec.get("runs", []):
@@ -76,6 +82,7 @@ def load_sweep(name: str, conf_dir: Path = CONF_DIR) -> list[RunSpec]:
             {**common, **dict(item.get("overrides", {}))},
             int(item.get("supernodes", supernodes)),
             int(item.get("num_cpus", num_cpus)),
+            _gpu_share(item.get("num_gpus", num_gpus), f"sweep {name}, run {item['name']}"),
         )
         load_config(run.experiment, run.overrides)  # fail before anything runs
         runs.append(run)
@@ -85,6 +92,39 @@ def load_sweep(name: str, conf_dir: Path = CONF_DIR) -> list[RunSpec]:
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep {name}: run names must be unique, got {names}")
     return runs
+
+
+def _gpu_share(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(f"{where}: num_gpus must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def client_gpu_share(
+    num_gpus: float | None, num_cpus: int, gpus: int | None = None, cores: int | None = None
+) -> float:
+    """Each simulated client's share of a GPU (Flower's ``client-resources-num-gpus``).
+
+    Given (``num_gpus`` not None), it is used as is; 0 trains on the CPU. Otherwise: 0 on a
+    machine without a GPU, and on one with ``gpus`` GPUs, ``gpus`` divided by the number of
+    clients the CPUs let train at once (``cores // num_cpus``), so that every one of them
+    gets a GPU share. Without a share, Ray hides the GPUs from the clients
+    (``CUDA_VISIBLE_DEVICES`` empty) and ``train.device: auto`` trains on the CPU.
+    """
+    if num_gpus is not None:
+        return num_gpus
+    gpus = torch_gpus() if gpus is None else gpus
+    if gpus == 0:
+        return 0.0
+    at_once = max(1, (cores or os.cpu_count() or 1) // max(1, num_cpus))
+    return min(1.0, gpus / at_once)
+
+
+def torch_gpus() -> int:
+    """The number of CUDA GPUs torch sees in this process."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -190,13 +230,24 @@ def run_sweep(
     only: list[str] | None = None,
     num_cpus: int | None = None,
     conf_dir: Path = CONF_DIR,
+    num_gpus: float | None = None,
 ) -> Path:
     """Run (or resume) sweep ``name`` (``<conf_dir>/sweeps/<name>.yaml``); return its folder
-    under ``out``. ``num_cpus`` overrides the sweep's CPU share per simulated client.
+    under ``out``. ``num_cpus`` and ``num_gpus`` override the sweep's CPU and GPU share per
+    simulated client (a GPU share not given anywhere: :func:`client_gpu_share`).
     """
     runs = [r for r in load_sweep(name, conf_dir) if not only or r.name in only]
     if num_cpus is not None:
         runs = [replace(r, num_cpus=num_cpus) for r in runs]
+    if num_gpus is not None:
+        runs = [replace(r, num_gpus=_gpu_share(num_gpus, "--num-gpus")) for r in runs]
+    runs = [replace(r, num_gpus=client_gpu_share(r.num_gpus, r.num_cpus)) for r in runs]
+    shares = sorted({r.num_gpus for r in runs})
+    print(
+        f"sweep {name}: clients train on "
+        + ("the CPU" if shares == [0.0] else f"GPU (a share of {shares} GPU each)"),
+        flush=True,
+    )
     sweep_dir = (out / name).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     todo = [r for r in runs if not is_complete(sweep_dir / r.name)]
@@ -295,6 +346,7 @@ def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pi
             run.supernodes,
             timeout=6 * 3600,
             num_cpus=run.num_cpus,
+            num_gpus=run.num_gpus or 0.0,
         )
     (sweep_dir / f".{run.name}.log").write_text(proc.stdout + proc.stderr)
     status = sorted(run_status(flwr_home, connection), key=lambda r: r.get("pending-at", ""))
@@ -315,6 +367,7 @@ def _run_one(run: RunSpec, sweep_dir: Path, flwr_home: Path, connection: str, pi
         peak_memory_mb=memory.peak_mb,
         supernodes=run.supernodes,
         client_num_cpus=run.num_cpus,
+        client_num_gpus=run.num_gpus or 0.0,
         **version,
         machine=machine(),
     )
@@ -601,6 +654,13 @@ def main(argv: list[str] | None = None) -> int:
         "default: the sweep file's num_cpus, else 1",
     )
     parser.add_argument(
+        "--num-gpus",
+        type=float,
+        help="GPU share of each simulated client (0: train on the CPU); default: the sweep "
+        "file's num_gpus, else every client that can train at once gets a share of this "
+        "machine's GPUs (none: CPU)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite results.md/accuracy.png from existing runs",
@@ -623,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         print(write_report(args.sweep, (args.out / args.sweep).resolve(), load_sweep(args.sweep)))
         return 0
-    print(run_sweep(args.sweep, args.out, args.only, args.num_cpus) / "results.md")
+    sweep_dir = run_sweep(args.sweep, args.out, args.only, args.num_cpus, num_gpus=args.num_gpus)
+    print(sweep_dir / "results.md")
     return 0
 
 

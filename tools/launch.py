@@ -259,6 +259,7 @@ def run_app(
     timeout: float = 900,
     num_cpus: int = 1,
     as_overrides: bool | None = None,
+    num_gpus: float = 0.0,
 ) -> subprocess.CompletedProcess[str]:
     """``flwr run <app_dir> <connection> --stream`` with the given run-config.
 
@@ -270,7 +271,9 @@ def run_app(
     for a deployment connection, whose SuperLink ignores a federation config (the
     SuperNodes that are connected take part). ``num_cpus`` is each simulated client's
     CPU share (``client-resources-num-cpus``): the number of clients trained at once is
-    the machine's cores divided by it.
+    the machine's cores divided by it. ``num_gpus`` is its GPU share
+    (``client-resources-num-gpus``; 0, the default, passes none: Ray then hides the GPUs
+    from the clients).
 
     Returns the finished process (stdout holds the streamed log). Note that ``flwr run``
     exits 0 even when the ServerApp fails: check the results, or :func:`run_status`.
@@ -293,7 +296,8 @@ def run_app(
         if num_supernodes is None
         else [
             "--federation-config",
-            f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}"
+            + (f" client-resources-num-gpus={num_gpus}" if num_gpus else ""),
         ]
     )
     return subprocess.run(
