@@ -20,6 +20,7 @@ def test_gpu_share_per_client() -> None:
     assert client_gpu_share(None, num_cpus=2, gpus=1, cores=16) == 0.125  # 8 clients at once
     assert client_gpu_share(None, num_cpus=1, gpus=1, cores=1) == 1.0
     assert client_gpu_share(None, num_cpus=4, gpus=2, cores=4) == 1.0  # at most one GPU each
+    assert client_gpu_share(None, num_cpus=2, gpus=1, cores=12) == 0.1666  # 6 fit in one GPU
     assert client_gpu_share(0.5, num_cpus=2, gpus=0, cores=2) == 0.5  # given: as is
     assert client_gpu_share(0.0, num_cpus=2, gpus=1, cores=16) == 0.0  # CPU on purpose
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -119,7 +120,8 @@ def client_gpu_share(
     if gpus == 0:
         return 0.0
     at_once = max(1, (cores or os.cpu_count() or 1) // max(1, num_cpus))
-    return min(1.0, gpus / at_once)
+    # rounded down to Ray's resource granularity (1e-4), so that `at_once` clients fit
+    return min(1.0, math.floor(gpus / at_once * 1e4) / 1e4)
 
 
 def torch_gpus() -> int:
