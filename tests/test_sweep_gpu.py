@@ -55,3 +55,16 @@ def test_run_app_passes_the_gpu_share(
     tools.launch.run_app(ROOT, tmp_path, "local", {"experiment": "base"}, 3, num_gpus=share)
     federation = seen[0][seen[0].index("--federation-config") + 1]
     assert federation == "num-supernodes=3 client-resources-num-cpus=1" + expected
+
+
+def test_a_gpu_share_without_a_gpu_is_refused_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tools.experiments
+
+    monkeypatch.setattr(tools.experiments, "torch_gpus", lambda: 0)
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "g.yaml").write_text("runs:\n  - {name: a}\n")
+    with pytest.raises(ConfigError, match=r"sweep g: a GPU share per client \(0.5\)"):
+        tools.experiments.run_sweep("g", tmp_path / "out", conf_dir=tmp_path, num_gpus=0.5)
+    assert not (tmp_path / "out").exists()  # nothing written
