@@ -370,7 +370,16 @@ def _p5_plot(
         for i in range(len(alphas)):
             for j in range(len(sizes)):
                 if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:+.1f}", ha="center", va="center", fontsize=9)
+                    dark = abs(grid[i, j]) > 0.6 * bound  # white text on the deep colours
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:+.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="white" if dark else "black",
+                    )
         ax.set_xticks(range(len(sizes)), [str(n) for n in sizes])
         ax.set_yticks(range(len(alphas)), [str(a) for a in alphas])
         ax.set_xlabel("train examples per client (n)")
