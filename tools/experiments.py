@@ -243,9 +243,10 @@ def run_sweep(
         runs = [replace(r, num_cpus=num_cpus) for r in runs]
     if num_gpus is not None:
         runs = [replace(r, num_gpus=_gpu_share(num_gpus, "--num-gpus")) for r in runs]
-    runs = [replace(r, num_gpus=client_gpu_share(r.num_gpus, r.num_cpus)) for r in runs]
+    gpus = torch_gpus()  # asked once, for every run
+    runs = [replace(r, num_gpus=client_gpu_share(r.num_gpus, r.num_cpus, gpus)) for r in runs]
     shares = sorted({r.num_gpus for r in runs})
-    if shares[-1] > 0 and torch_gpus() == 0:  # Ray would wait for a GPU that never comes
+    if shares[-1] > 0 and gpus == 0:  # Ray would wait for a GPU that never comes
         raise ConfigError(
             f"sweep {name}: a GPU share per client ({shares[-1]}) on a machine where torch "
             "sees no GPU; give num_gpus 0 (--num-gpus 0) to train on the CPU"
